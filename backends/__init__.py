@@ -1,0 +1,1 @@
+"""Built-in backends; each registers itself as an ``overlayd.backends`` entry point."""

@@ -1,0 +1,284 @@
+"""The public plugin API: what a store or a backend must provide.
+
+Built-in and third-party plugins implement the same ABCs and are registered the same way, as
+entry points in the ``overlayd.stores`` / ``overlayd.backends`` groups.  The core instantiates
+them (``invoke_on_load=False``, then ``cls.from_options``), so a plugin never parses flags or
+environment variables itself: it declares an attrs ``Options`` class and the CLI derives
+``--<plugin>-<option>`` flags and ``OVERLAYD_<PLUGIN>_<OPTION>`` variables from it.
+
+Stores implement a few primitives (list, compare-and-create, update, delete, wait for events);
+the lease algorithms on top (acquire with reuse, renew, watch with re-list on lost history)
+are concrete methods here, so every store behaves alike and a store only overrides them when
+its data model differs (Kubernetes assigns subnets itself, for instance).
+"""
+
+from __future__ import annotations
+
+import abc
+import logging
+import random
+import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from datetime import timedelta
+from ipaddress import IPv4Address, IPv4Network, IPv6Address
+from typing import Any, ClassVar, Self
+
+import attrs
+
+from . import ipam
+from .config import NetworkConfig
+from .errors import HistoryGone, LeaseConflict, LeaseLost
+from .model import (
+    EventKind,
+    Lease,
+    LeaseAttrs,
+    LeaseEvent,
+    LeaseList,
+    WatchResult,
+    diff_lease_lists,
+    subnet_to_key,
+)
+from .plan import Plan
+
+log = logging.getLogger(__name__)
+
+ACQUIRE_ATTEMPTS = 10
+
+
+def option(default: Any, help: str, converter: Callable[[Any], Any] | None = None, secret: bool = False) -> Any:
+    """Declare one plugin option: a default, a one-line help text, an optional converter.
+
+    ``secret=True`` keeps the value out of logs and ``overlayd plugins`` output.
+    """
+    return attrs.field(default=default, converter=converter, metadata={"help": help, "secret": secret})
+
+
+@attrs.frozen
+class NoOptions:
+    """For plugins that take no options."""
+
+
+def comma_list(value: str | Sequence[str]) -> tuple[str, ...]:
+    """Converter: ``"a,b"`` or ``["a", "b"]`` -> ``("a", "b")``."""
+    if isinstance(value, str):
+        return tuple(part.strip() for part in value.split(",") if part.strip())
+    return tuple(value)
+
+
+def seconds(value: float | str | timedelta) -> timedelta:
+    """Converter: a number of seconds (or a timedelta) -> timedelta."""
+    if isinstance(value, timedelta):
+        return value
+    return timedelta(seconds=float(value))
+
+
+class Plugin(abc.ABC):
+    """What stores and backends share: a name, a description, declared options."""
+
+    #: The entry-point name; the loader sets it on the class it loads.
+    name: ClassVar[str] = ""
+    #: The attrs class of options; its fields become CLI flags and env vars.
+    Options: ClassVar[type] = NoOptions
+
+    def __init__(self, options: Any) -> None:
+        self.options = options
+
+    @classmethod
+    def from_options(cls, options: Any) -> Self:
+        return cls(options)
+
+    @classmethod
+    def description(cls) -> str:
+        doc = (cls.__doc__ or "").strip()
+        return doc.splitlines()[0] if doc else ""
+
+
+class Store(Plugin):
+    """Where the network config and the leases live."""
+
+    lease_ttl: timedelta = timedelta(hours=24)
+    renew_margin: timedelta = timedelta(hours=1)
+
+    # -- network config ---------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def get_config(self) -> str | None:
+        """The raw network config JSON, or None when there is none yet."""
+
+    @abc.abstractmethod
+    def put_config(self, text: str, *, only_if_absent: bool = False) -> bool:
+        """Write the raw config; with *only_if_absent*, write only when none exists.
+
+        Returns True when written.
+        """
+
+    # -- lease primitives -------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def list_leases(self) -> LeaseList:
+        """Every live lease and reservation (garbled ones skipped with a warning)."""
+
+    @abc.abstractmethod
+    def create_lease(self, lease: Lease) -> Lease | None:
+        """Create *lease* with this store's TTL only if its key does not exist.
+
+        Returns the stored lease (with expiration and revision), or None when the key exists.
+        """
+
+    @abc.abstractmethod
+    def update_lease(self, lease: Lease, attrs: LeaseAttrs) -> Lease:
+        """Rewrite an existing lease's attrs and refresh its TTL (a reservation stays one).
+
+        Raises ``LeaseLost`` when the key no longer exists.
+        """
+
+    @abc.abstractmethod
+    def delete_lease(self, lease: Lease) -> None:
+        """Remove a lease; a missing key is not an error."""
+
+    @abc.abstractmethod
+    def reserve(self, subnet: IPv4Network, public_ip: IPv4Address) -> Lease:
+        """Create or turn an entry into a reservation (no TTL) for *public_ip*."""
+
+    @abc.abstractmethod
+    def unreserve(self, subnet: IPv4Network) -> None:
+        """Remove a reservation; a missing one is not an error."""
+
+    @abc.abstractmethod
+    def wait_for_events(self, since_revision: int, timeout: float) -> WatchResult:
+        """Lease events after *since_revision*, waiting up to *timeout* seconds for the first.
+
+        Returns an empty result (same revision) on timeout.  Raises ``HistoryGone`` when the
+        store no longer holds history that old, and ``StoreUnavailable`` when unreachable.
+        """
+
+    def close(self) -> None:
+        """Release connections; the store is unusable afterwards."""
+
+    # -- lease algorithms built on the primitives ---------------------------------------------
+
+    def acquire_lease(
+        self,
+        config: NetworkConfig,
+        attrs: LeaseAttrs,
+        *,
+        prefer: Sequence[IPv4Network] = (),
+        rng: random.Random | None = None,
+    ) -> Lease:
+        """Get this host a lease: reuse its own (matched by public IP), else a preferred free
+        subnet, else a random free one.  Lost races are retried a bounded number of times."""
+        rng = rng or random.Random()
+        for _ in range(ACQUIRE_ATTEMPTS):
+            snapshot = self.list_leases()
+            own = ipam.find_own_lease(config, snapshot.leases, attrs.public_ip)
+            if own is not None:
+                try:
+                    return self.update_lease(own, attrs)
+                except LeaseLost:
+                    continue
+            subnet = ipam.choose_free_subnet(config, snapshot.leases, prefer=prefer, rng=rng)
+            created = self.create_lease(Lease(subnet, attrs, None))
+            if created is not None:
+                return created
+            log.debug("lost the race for %s; trying again", subnet)
+        raise LeaseConflict(f"could not claim a subnet after {ACQUIRE_ATTEMPTS} attempts (heavy contention)")
+
+    def renew_lease(self, lease: Lease) -> Lease:
+        """Refresh the TTL; ``LeaseLost`` when the lease is gone."""
+        return self.update_lease(lease, lease.attrs)
+
+    def release_lease(self, lease: Lease) -> None:
+        if not lease.is_reservation:
+            self.delete_lease(lease)
+
+    def watch_leases(
+        self, stop: threading.Event, since_revision: int | None = None, poll: float = 1.0
+    ) -> Iterator[LeaseEvent | LeaseList]:
+        """Yield a ``LeaseList`` snapshot first, then events, until *stop* is set.
+
+        With *since_revision*, skip the snapshot and resume after that revision.  When the store
+        has lost the history needed to resume, re-list and yield the difference from what this
+        watch has seen as events (all of it, when resuming blind), so no change is missed.
+        """
+        current: dict[str, Lease] = {}
+        if since_revision is None:
+            snapshot = self.list_leases()
+            yield snapshot
+            since_revision = snapshot.revision
+            current = {lease.key: lease for lease in snapshot.leases}
+        while not stop.is_set():
+            try:
+                result = self.wait_for_events(since_revision, poll)
+            except HistoryGone:
+                log.info("store history since revision %d is gone; re-listing", since_revision)
+                snapshot = self.list_leases()
+                events = diff_lease_lists(list(current.values()), snapshot.leases, snapshot.revision)
+                current = {lease.key: lease for lease in snapshot.leases}
+                since_revision = snapshot.revision
+                yield from events
+                continue
+            for event in result.events:
+                if event.lease is not None and event.kind is EventKind.ADDED:
+                    current[event.lease.key] = event.lease
+                else:
+                    current.pop(subnet_to_key(event.subnet), None)
+                yield event
+            since_revision = result.revision
+
+
+# -- backends -------------------------------------------------------------------------------
+
+
+@attrs.frozen
+class HostInfo:
+    """This host as the backend needs it: the underlay interface and its addresses."""
+
+    iface: str
+    iface_index: int
+    iface_mtu: int
+    public_ip: IPv4Address | None
+    public_ipv6: IPv6Address | None = None
+    iface_addr: IPv4Address | None = None  # the address on the interface (may differ from public)
+
+
+class Network(abc.ABC):
+    """A backend set up on this host for one network config."""
+
+    @property
+    @abc.abstractmethod
+    def mtu(self) -> int:
+        """MTU for containers on this host (the subnet file's FLANNEL_MTU)."""
+
+    @property
+    @abc.abstractmethod
+    def backend_data(self) -> Mapping[str, Any]:
+        """What peers need to reach this host, published as the lease's BackendData."""
+
+    def activate(self, lease: Lease) -> None:
+        """Finish the local setup once the lease is known (device address, MTU, link up)."""
+
+    def check_peer(self, lease: Lease) -> None:
+        """Raise ``GarbledLease`` when a peer's lease cannot be programmed by this backend."""
+
+    @abc.abstractmethod
+    def desired_state(self, own: Lease, peers: Sequence[Lease]) -> frozenset[Any]:
+        """The kernel objects that should exist for these peers (pure, no IO)."""
+
+    @abc.abstractmethod
+    def actual_state(self) -> frozenset[Any]:
+        """The kernel objects of ours that exist now, read from the kernel."""
+
+    @abc.abstractmethod
+    def apply(self, plan: Plan[Any]) -> None:
+        """Make the kernel match: remove ``plan.remove``, add ``plan.add``, idempotently."""
+
+    def teardown(self) -> None:
+        """Remove everything this network created (``--release-on-exit``)."""
+
+
+class Backend(Plugin):
+    """How packets cross hosts."""
+
+    @abc.abstractmethod
+    def prepare(self, config: NetworkConfig, host: HostInfo) -> Network:
+        """Create local state (e.g. the VXLAN device) so BackendData is known before the lease."""

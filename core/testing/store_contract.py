@@ -1,0 +1,253 @@
+"""The store contract: behaviour every store must have, as a pytest suite.
+
+Usage::
+
+    class TestMyStore(StoreContract):
+        @pytest.fixture
+        def store_spec(self, tmp_path):
+            return StoreSpec("mystore", {"url": ...}, write_raw=...)
+
+``store_spec`` must describe an *empty* store namespace for each test.  ``write_raw(key, value)``
+writes a raw value under the lease prefix (``key`` like ``10.244.3.0-24``) bypassing the plugin,
+the way a buggy third party would; the suite uses it to check that garbage is skipped.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import threading
+import time
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime
+from ipaddress import IPv4Address, IPv4Network
+from typing import Any
+
+import attrs
+import pytest
+
+from ..api import open_store
+from ..config import NetworkConfig
+from ..errors import LeaseLost, SubnetExhausted, UserError
+from ..model import EventKind, Lease, LeaseAttrs, LeaseEvent, LeaseList
+from ..plugin import Store
+
+NETWORK = NetworkConfig.from_dict({"Network": "10.244.0.0/16", "Backend": {"Type": "vxlan"}})
+SMALL = NetworkConfig.from_dict({"Network": "10.250.0.0/24", "SubnetLen": 28})
+
+
+@attrs.frozen
+class StoreSpec:
+    name: str
+    options: dict[str, Any]
+    write_raw: Callable[[str, str], None] | None = None
+    supports_ttl: bool = True
+
+
+def attrs_for(ip: str, mac: str = "aa:bb:cc:dd:ee:01") -> LeaseAttrs:
+    return LeaseAttrs(public_ip=IPv4Address(ip), backend_type="vxlan", backend_data={"VNI": 1, "VtepMAC": mac})
+
+
+def _race_worker(name: str, options: dict[str, Any], first_ip: int, count: int, out: Any) -> None:
+    store = open_store(name, **options)
+    got: list[str] = []
+    errors: list[str] = []
+    for i in range(count):
+        try:
+            lease = store.acquire_lease(SMALL, attrs_for(f"198.51.100.{first_ip + i}"))
+            got.append(str(lease.subnet))
+        except SubnetExhausted as exc:
+            errors.append(str(exc))
+    store.close()
+    out.put((got, errors))
+
+
+def _next_event(events: Iterator[LeaseEvent | LeaseList], timeout: float) -> LeaseEvent:
+    result: list[LeaseEvent | LeaseList] = []
+    thread = threading.Thread(target=lambda: result.append(next(events)), daemon=True)
+    thread.start()
+    thread.join(timeout)
+    assert result, f"no event within {timeout}s"
+    item = result[0]
+    assert isinstance(item, LeaseEvent), item
+    return item
+
+
+class StoreContract:
+    """Subclass and provide the ``store_spec`` fixture."""
+
+    @pytest.fixture
+    def store_spec(self) -> StoreSpec:  # pragma: no cover - provided by subclasses
+        raise NotImplementedError
+
+    @pytest.fixture
+    def store(self, store_spec: StoreSpec) -> Iterator[Store]:
+        store = open_store(store_spec.name, **store_spec.options)
+        yield store
+        store.close()
+
+    @pytest.fixture
+    def other_store(self, store_spec: StoreSpec) -> Iterator[Store]:
+        """A second, independent client of the same store (another host)."""
+        store = open_store(store_spec.name, **store_spec.options)
+        yield store
+        store.close()
+
+    # -- config --------------------------------------------------------------------------------
+
+    def test_config_absent_then_roundtrip(self, store: Store) -> None:
+        assert store.get_config() is None
+        assert store.put_config(NETWORK.to_json())
+        assert NetworkConfig.from_json(store.get_config() or "") == NETWORK
+
+    def test_put_config_only_if_absent_keeps_existing(self, store: Store) -> None:
+        store.put_config(NETWORK.to_json())
+        assert not store.put_config(SMALL.to_json(), only_if_absent=True)
+        assert NetworkConfig.from_json(store.get_config() or "") == NETWORK
+
+    # -- leases --------------------------------------------------------------------------------
+
+    def test_acquire_lists_lease_with_flannel_attrs(self, store: Store, other_store: Store) -> None:
+        lease = store.acquire_lease(NETWORK, attrs_for("192.0.2.1"))
+        assert lease.subnet is not None and NETWORK.contains_subnet(lease.subnet)
+        assert lease.expiration is not None and lease.expiration > datetime.now(UTC)
+        listed = other_store.list_leases()
+        assert [(x.subnet, x.attrs) for x in listed.leases] == [(lease.subnet, lease.attrs)]
+        assert listed.revision >= lease.revision > 0
+
+    def test_same_host_reuses_its_subnet(self, store: Store, other_store: Store) -> None:
+        first = store.acquire_lease(NETWORK, attrs_for("192.0.2.1"))
+        again = other_store.acquire_lease(NETWORK, attrs_for("192.0.2.1", mac="aa:bb:cc:dd:ee:02"))
+        assert again.subnet == first.subnet
+        assert again.attrs.backend_data["VtepMAC"] == "aa:bb:cc:dd:ee:02"
+        assert len(store.list_leases().leases) == 1
+
+    def test_hosts_get_distinct_subnets(self, store: Store) -> None:
+        subnets = {store.acquire_lease(NETWORK, attrs_for(f"192.0.2.{i}")).subnet for i in range(1, 21)}
+        assert len(subnets) == 20
+
+    def test_preferred_subnet_is_used_when_free(self, store: Store) -> None:
+        wanted = IPv4Network("10.244.77.0/24")
+        assert store.acquire_lease(NETWORK, attrs_for("192.0.2.1"), prefer=[wanted]).subnet == wanted
+        other = store.acquire_lease(NETWORK, attrs_for("192.0.2.2"), prefer=[wanted])
+        assert other.subnet != wanted
+
+    def test_create_is_compare_and_create(self, store: Store, other_store: Store) -> None:
+        subnet = IPv4Network("10.244.9.0/24")
+        assert store.create_lease(Lease(subnet, attrs_for("192.0.2.1"), None)) is not None
+        assert other_store.create_lease(Lease(subnet, attrs_for("192.0.2.2"), None)) is None
+        [only] = store.list_leases().leases
+        assert only.attrs.public_ip == IPv4Address("192.0.2.1")
+
+    def test_renew_extends_and_release_removes(self, store: Store) -> None:
+        lease = store.acquire_lease(NETWORK, attrs_for("192.0.2.1"))
+        time.sleep(0.01)
+        renewed = store.renew_lease(lease)
+        assert renewed.expiration is not None and lease.expiration is not None
+        assert renewed.expiration > lease.expiration
+        assert renewed.revision > lease.revision
+        store.release_lease(renewed)
+        assert store.list_leases().leases == ()
+        with pytest.raises(LeaseLost):
+            store.renew_lease(renewed)
+
+    def test_exhaustion_is_reported(self, store: Store) -> None:
+        for i in range(SMALL.subnet_count()):
+            store.acquire_lease(SMALL, attrs_for(f"192.0.2.{i + 1}"))
+        with pytest.raises(SubnetExhausted, match=r"10\.250\.0\.0/24 is exhausted: all 15 /28"):
+            store.acquire_lease(SMALL, attrs_for("192.0.2.200"))
+
+    def test_two_processes_racing_never_share_a_subnet(self, store_spec: StoreSpec) -> None:
+        ctx = multiprocessing.get_context("spawn")
+        out = ctx.Queue()
+        workers = [
+            ctx.Process(target=_race_worker, args=(store_spec.name, store_spec.options, base, 10, out))
+            for base in (10, 100)
+        ]
+        for worker in workers:
+            worker.start()
+        results = [out.get(timeout=120) for _ in workers]
+        for worker in workers:
+            worker.join(30)
+            assert worker.exitcode == 0
+        subnets = [s for got, _ in results for s in got]
+        errors = [e for _, errs in results for e in errs]
+        assert len(subnets) == len(set(subnets)) == SMALL.subnet_count() == 15
+        assert len(errors) == 5 and all("exhausted" in e for e in errors)
+
+    # -- reservations --------------------------------------------------------------------------
+
+    def test_reservation_is_kept_for_its_owner_only(self, store: Store) -> None:
+        subnet = IPv4Network("10.250.0.32/28")
+        store.reserve(subnet, IPv4Address("192.0.2.50"))
+        others = {store.acquire_lease(SMALL, attrs_for(f"192.0.2.{i}")).subnet for i in range(1, 15)}
+        assert subnet not in others
+        with pytest.raises(SubnetExhausted):
+            store.acquire_lease(SMALL, attrs_for("192.0.2.99"))
+        owner = store.acquire_lease(SMALL, attrs_for("192.0.2.50"))
+        assert owner.subnet == subnet and owner.is_reservation
+        assert store.renew_lease(owner).is_reservation
+        store.release_lease(owner)  # releasing a reservation keeps it
+        assert any(x.subnet == subnet and x.is_reservation for x in store.list_leases().leases)
+        store.unreserve(subnet)
+        assert all(x.subnet != subnet for x in store.list_leases().leases)
+
+    def test_reserve_refuses_a_subnet_leased_by_another_host(self, store: Store) -> None:
+        lease = store.acquire_lease(NETWORK, attrs_for("192.0.2.1"))
+        assert lease.subnet is not None
+        with pytest.raises(UserError, match=r"leased by 192\.0\.2\.1"):
+            store.reserve(lease.subnet, IPv4Address("192.0.2.2"))
+
+    # -- expiry and garbage --------------------------------------------------------------------
+
+    def test_lease_expires_after_ttl(self, store_spec: StoreSpec) -> None:
+        if not store_spec.supports_ttl:
+            pytest.skip("this store has no TTLs")  # pragma: no cover
+        store = open_store(store_spec.name, **{**store_spec.options, "ttl": 2})
+        try:
+            store.acquire_lease(NETWORK, attrs_for("192.0.2.1"))
+            start = store.list_leases().revision
+            stop = threading.Event()
+            events = store.watch_leases(stop, since_revision=start)
+            event = _next_event(events, timeout=10)
+            assert event.kind is EventKind.EXPIRED
+            assert store.list_leases().leases == ()
+            stop.set()
+        finally:
+            store.close()
+
+    def test_garbled_leases_are_skipped(self, store: Store, store_spec: StoreSpec) -> None:
+        assert store_spec.write_raw is not None, "provide write_raw to test garbage handling"
+        good = store.acquire_lease(NETWORK, attrs_for("192.0.2.1"))
+        store_spec.write_raw("10.244.200.0-24", "{not json")
+        store_spec.write_raw("10.244.201.0-24", '{"PublicIP": "not-an-ip", "BackendType": "vxlan"}')
+        store_spec.write_raw("not-a-subnet", '{"PublicIP": "192.0.2.9"}')
+        assert [x.subnet for x in store.list_leases().leases] == [good.subnet]
+
+    # -- watching ------------------------------------------------------------------------------
+
+    def test_watch_sees_add_and_remove_quickly(self, store: Store, other_store: Store) -> None:
+        stop = threading.Event()
+        events = store.watch_leases(stop, poll=0.2)
+        snapshot = next(events)
+        assert isinstance(snapshot, LeaseList) and snapshot.leases == ()
+        started = time.monotonic()
+        lease = other_store.acquire_lease(NETWORK, attrs_for("192.0.2.1"))
+        added = _next_event(events, timeout=5)
+        latency = time.monotonic() - started
+        assert added.kind is EventKind.ADDED and added.lease is not None
+        assert added.lease.subnet == lease.subnet
+        assert latency < 1.0, f"watch took {latency:.3f}s"
+        other_store.release_lease(lease)
+        removed = _next_event(events, timeout=5)
+        assert removed.kind is EventKind.REMOVED and removed.subnet == lease.subnet
+        stop.set()
+
+    def test_watch_resumes_from_a_revision(self, store: Store, other_store: Store) -> None:
+        first = other_store.acquire_lease(NETWORK, attrs_for("192.0.2.1"))
+        second = other_store.acquire_lease(NETWORK, attrs_for("192.0.2.2"))
+        stop = threading.Event()
+        events = store.watch_leases(stop, since_revision=first.revision)
+        event = _next_event(events, timeout=5)
+        assert event.kind is EventKind.ADDED and event.lease is not None
+        assert event.lease.subnet == second.subnet
+        stop.set()

@@ -1,0 +1,1 @@
+"""Built-in stores; each registers itself as an ``overlayd.stores`` entry point."""
