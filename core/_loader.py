@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 
 from stevedore import driver, extension
 
-from .errors import PluginMissingDependency, PluginNotFound, UserError
+from .errors import PluginBroken, PluginMissingDependency, PluginNotFound, UserError
 from .plugin import Backend, Plugin, Store
 
 log = logging.getLogger(__name__)
@@ -45,6 +45,8 @@ def load_plugin(group: str, name: str, base: type[P]) -> type[P]:
         )
     except ModuleNotFoundError as exc:
         missing = (exc.name or "").split(".")[0]
+        if missing == "overlayd":
+            raise PluginBroken(f"{kind} {name!r} cannot be imported: {exc}") from exc
         extra = _EXTRAS.get(missing)
         hint = f"pip install 'overlayd[{extra}]'" if extra else f"pip install {missing}"
         raise PluginMissingDependency(
@@ -72,7 +74,7 @@ def all_plugins(group: str) -> dict[str, type[Plugin] | Exception]:
     for name in installed_names(group):
         try:
             out[name] = load_plugin(group, name, base)
-        except UserError as exc:
+        except (UserError, PluginBroken) as exc:
             out[name] = exc
     return out
 

@@ -41,6 +41,10 @@ class PluginMissingDependency(UserError):
     """A plugin needs an optional extra that is not installed."""
 
 
+class PluginBroken(PermanentError):
+    """A plugin is installed but fails to import (a bug in the plugin, not the user's fault)."""
+
+
 class SubnetExhausted(PermanentError):
     """Every subnet of the network is leased or reserved."""
 

@@ -1,0 +1,490 @@
+"""The ``overlayd`` command: the daemon, store administration, plugin listing, the demo.
+
+The CLI owns the process (logging setup, signal handlers, exit codes); everything it does goes
+through the public library API.  Every installed plugin's attrs ``Options`` become global flags
+``--<plugin>-<option>`` with env vars ``OVERLAYD_<PLUGIN>_<OPTION>``, derived at start-up, so a
+third-party plugin gets flags by being installed.  ``--config FILE`` (TOML) supplies defaults
+below flags and env vars: top-level keys are global options, ``[plugin]`` tables plugin options.
+
+Errors: a ``UserError`` (or a click usage error) is one line on stderr and exit code 2; any
+other overlayd error is one line and exit code 1; only a bug shows a traceback.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import logging
+import signal
+import sys
+import threading
+import tomllib
+import types
+import typing
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+from ipaddress import IPv4Address, IPv4Network
+from typing import Any
+
+import attrs
+import click
+
+from . import _loader
+from .api import open_store
+from .config import NetworkConfig
+from .daemon import Daemon, DaemonSettings
+from .errors import ConfigError, OverlaydError, UserError
+from .model import Lease
+from .plugin import Plugin, Store
+
+log = logging.getLogger(__name__)
+
+ENV_PREFIX = "OVERLAYD"
+
+
+# -- plugin options as flags -------------------------------------------------------------------
+
+
+def _ident(plugin: str) -> str:
+    return plugin.replace("-", "_")
+
+
+def _click_type(field: attrs.Attribute[Any], annotation: Any) -> tuple[Any, bool]:
+    """(click type, is_flag) for an option field."""
+    base = annotation
+    if isinstance(base, types.UnionType) or typing.get_origin(base) is typing.Union:
+        args = [a for a in typing.get_args(base) if a is not type(None)]
+        base = args[0] if len(args) == 1 else str
+    if base is bool:
+        return click.BOOL, True
+    if base is int:
+        return click.INT, False
+    if base in (float, timedelta):
+        return click.FLOAT, False
+    return click.STRING, False
+
+
+def plugin_params(cls: type[Plugin], plugin_name: str) -> list[click.Option]:
+    """Click options for every field of the plugin's Options class."""
+    hints = typing.get_type_hints(cls.Options)
+    params = []
+    for field in attrs.fields(cls.Options):
+        flag = f"{plugin_name}-{field.name.replace('_', '-')}"
+        kind, is_flag = _click_type(field, hints.get(field.name, str))
+        default = field.default if field.default is not attrs.NOTHING else None
+        if isinstance(default, timedelta):
+            default = default.total_seconds()
+        if isinstance(default, tuple):
+            default = ",".join(default)
+        shown = "***" if field.metadata.get("secret") else default
+        help_text = f"{field.metadata.get('help', '')} [{plugin_name}; default: {shown}]"
+        decls = [f"--{flag}/--no-{flag}"] if is_flag else [f"--{flag}"]
+        params.append(
+            click.Option(
+                [*decls, f"{_ident(plugin_name)}_{field.name}"],
+                type=kind,
+                default=None,
+                help=help_text,
+                envvar=f"{ENV_PREFIX}_{_ident(plugin_name).upper()}_{field.name.upper()}",
+                show_envvar=True,
+                show_default=False,
+            )
+        )
+    return params
+
+
+def _installed_plugins() -> dict[str, dict[str, type[Plugin] | Exception]]:
+    return {
+        "store": _loader.all_plugins(_loader.STORES),
+        "backend": _loader.all_plugins(_loader.BACKENDS),
+    }
+
+
+def plugin_options(params: dict[str, Any], plugin_name: str, cls: type[Plugin]) -> dict[str, Any]:
+    """The values given for *plugin_name*'s options (unset ones left to the plugin's defaults)."""
+    out = {}
+    for field in attrs.fields(cls.Options):
+        value = params.get(f"{_ident(plugin_name)}_{field.name}")
+        if value is not None:
+            out[field.name] = value
+    return out
+
+
+# -- the config file ---------------------------------------------------------------------------
+
+
+def _load_config_file(ctx: click.Context, param: click.Parameter, value: str | None) -> str | None:
+    if not value:
+        return value
+    try:
+        with open(value, "rb") as handle:
+            doc = tomllib.load(handle)
+    except OSError as exc:
+        raise click.BadParameter(f"cannot read {value}: {exc.strerror}", ctx, param) from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise click.BadParameter(f"{value} is not valid TOML: {exc}", ctx, param) from exc
+    defaults: dict[str, Any] = {}
+    for key, item in doc.items():
+        if isinstance(item, dict):
+            for option, option_value in item.items():
+                defaults[f"{_ident(key)}_{option.replace('-', '_')}"] = option_value
+        else:
+            defaults[key.replace("-", "_")] = item
+    known = {p.name for p in ctx.command.params}
+    unknown = sorted(set(defaults) - known)
+    if unknown:
+        raise click.BadParameter(f"{value}: unknown setting(s) {', '.join(unknown)}", ctx, param)
+    ctx.default_map = {**(ctx.default_map or {}), **defaults}
+    return value
+
+
+def _cidr(ctx: click.Context, param: click.Parameter, value: str | None) -> IPv4Network | None:
+    if value is None:
+        return None
+    try:
+        return IPv4Network(value, strict=False)
+    except ValueError as exc:
+        raise click.BadParameter(f"{value!r} is not an IPv4 CIDR like 10.244.0.0/16", ctx, param) from exc
+
+
+# -- the group ---------------------------------------------------------------------------------
+
+
+class _Group(click.Group):
+    """A group whose global options include every installed plugin's options."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        for _kind, plugins in _installed_plugins().items():
+            for name, cls in plugins.items():
+                if isinstance(cls, type):
+                    self.params.extend(plugin_params(cls, name))
+
+
+def _global_options(f: Callable[..., Any]) -> Callable[..., Any]:
+    options = [
+        click.option(
+            "--config",
+            "config_file",
+            callback=_load_config_file,
+            is_eager=True,
+            expose_value=False,
+            help="TOML file with defaults for any option ([plugin] tables for plugin options).",
+        ),
+        click.option("--store", default="embedded", show_default=True, help="Store plugin name."),
+        click.option("--backend", default=None, help="Backend plugin name (default: the stored config's, else vxlan)."),
+        click.option("--network", callback=_cidr, help="Network CIDR, used when the store has no config yet."),
+        click.option("--subnet-len", type=click.IntRange(1, 30), help="Subnet length, with --network."),
+        click.option("--iface", multiple=True, help="Underlay interface name or IP (repeatable; first match)."),
+        click.option("--iface-regex", multiple=True, help="Regex matched against interface names and IPs."),
+        click.option("--iface-can-reach", help="Use the interface the kernel would use to reach this IP."),
+        click.option("--public-ip", help="IP advertised to peers (default: the interface's)."),
+        click.option(
+            "--subnet-file",
+            default="/run/flannel/subnet.env",
+            show_default=True,
+            help="Where to write the subnet file.",
+        ),
+        click.option("--ip-masq/--no-ip-masq", default=False, help="Masquerade traffic leaving the network."),
+        click.option("--healthz-ip", default="127.0.0.1", show_default=True, help="Address of the health server."),
+        click.option(
+            "--healthz-port",
+            type=click.IntRange(0, 65535),
+            default=0,
+            show_default=True,
+            help="Port for /healthz and /readyz (0: off).",
+        ),
+        click.option(
+            "--resync-period",
+            type=click.FloatRange(0.1),
+            default=10.0,
+            show_default=True,
+            help="Seconds between full reconciles.",
+        ),
+        click.option(
+            "--release-on-exit/--keep-on-exit",
+            default=False,
+            help="On SIGTERM, give the lease back and remove kernel state.",
+        ),
+        click.option(
+            "--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info", show_default=True
+        ),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+@click.group(cls=_Group, invoke_without_command=True, context_settings={"auto_envvar_prefix": ENV_PREFIX})
+@_global_options
+@click.pass_context
+def cli(ctx: click.Context, **params: Any) -> None:
+    """overlayd: a container overlay network in the spirit of flannel.
+
+    With no command, runs the daemon (same as 'overlayd run').
+    """
+    ctx.obj = params
+    logging.basicConfig(
+        level=getattr(logging, str(params["log_level"]).upper()),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    if ctx.invoked_subcommand is None:
+        ctx.invoke(run)
+
+
+def _params() -> dict[str, Any]:
+    return dict(click.get_current_context().find_root().obj)
+
+
+def _store_from_params(params: dict[str, Any]) -> Store:
+    name = params["store"]
+    cls = _loader.load_store(name)
+    return open_store(name, **plugin_options(params, name, cls))
+
+
+def settings_from_params(params: dict[str, Any]) -> DaemonSettings:
+    store_cls = _loader.load_store(params["store"])
+    backend_options: dict[str, Any] = {}
+    if params["backend"]:
+        backend_cls = _loader.load_backend(params["backend"])
+        backend_options = plugin_options(params, params["backend"], backend_cls)
+    return DaemonSettings(
+        store=params["store"],
+        store_options=plugin_options(params, params["store"], store_cls),
+        backend=params["backend"],
+        backend_options=backend_options,
+        network=params["network"],
+        subnet_len=params["subnet_len"],
+        ifaces=tuple(params["iface"]),
+        iface_regex=tuple(params["iface_regex"]),
+        iface_can_reach=params["iface_can_reach"],
+        public_ip=params["public_ip"],
+        subnet_file=params["subnet_file"],
+        ip_masq=params["ip_masq"],
+        healthz_ip=params["healthz_ip"],
+        healthz_port=params["healthz_port"],
+        resync_period=params["resync_period"],
+        release_on_exit=params["release_on_exit"],
+    )
+
+
+@cli.command()
+def run() -> None:
+    """Run the daemon: lease a subnet and program the kernel until SIGTERM."""
+    settings = settings_from_params(_params())
+    stop = threading.Event()
+
+    def on_signal(signum: int, frame: types.FrameType | None) -> None:
+        log.info("received %s; stopping", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    Daemon(settings).run(stop)
+
+
+# -- network config ----------------------------------------------------------------------------
+
+
+@cli.group()
+def network() -> None:
+    """Write or show the network config in the store."""
+
+
+@network.command("init")
+@click.option("--network", "network_cidr", callback=_cidr, help="Network CIDR, e.g. 10.244.0.0/16.")
+@click.option("--subnet-len", "subnet_len_opt", type=click.IntRange(1, 30), help="Per-host subnet length.")
+@click.option("--backend", "backend_opt", help="Backend type (default vxlan).")
+@click.option("--from-json", "from_json", type=click.File("r"), help="A flannel network config JSON file.")
+@click.option("--force", is_flag=True, help="Replace an existing config.")
+def network_init(
+    network_cidr: IPv4Network | None,
+    subnet_len_opt: int | None,
+    backend_opt: str | None,
+    from_json: Any,
+    force: bool,
+) -> None:
+    """Write the network config (flannel's JSON) into the store."""
+    params = _params()
+    if from_json is not None:
+        config = NetworkConfig.from_json(from_json.read())
+    else:
+        cidr = network_cidr or params["network"]
+        if cidr is None:
+            raise UserError("network init needs --network CIDR (e.g. 10.244.0.0/16) or --from-json FILE")
+        doc: dict[str, Any] = {"Network": str(cidr), "Backend": {"Type": backend_opt or params["backend"] or "vxlan"}}
+        if subnet_len_opt or params["subnet_len"]:
+            doc["SubnetLen"] = subnet_len_opt or params["subnet_len"]
+        config = NetworkConfig.from_dict(doc)
+    _loader.load_backend(config.backend_type)  # an unknown backend is a user error now, not at start-up
+    store = _store_from_params(params)
+    try:
+        if not store.put_config(config.to_json(), only_if_absent=not force):
+            raise UserError("the store already has a network config; use --force to replace it")
+    finally:
+        store.close()
+    click.echo(config.to_json())
+
+
+@network.command("show")
+def network_show() -> None:
+    """Print the network config stored in the store."""
+    store = _store_from_params(_params())
+    try:
+        raw = store.get_config()
+    finally:
+        store.close()
+    if raw is None:
+        raise UserError("the store has no network config; create one with 'overlayd network init --network CIDR'")
+    click.echo(NetworkConfig.from_json(raw).to_json())
+
+
+# -- leases ------------------------------------------------------------------------------------
+
+
+def lease_row(lease: Lease) -> dict[str, Any]:
+    return {
+        "subnet": str(lease.subnet) if lease.subnet else None,
+        "ipv6_subnet": str(lease.ipv6_subnet) if lease.ipv6_subnet else None,
+        "public_ip": str(lease.attrs.public_ip) if lease.attrs.public_ip else None,
+        "backend_type": lease.attrs.backend_type,
+        "backend_data": dict(lease.attrs.backend_data),
+        "expiration": lease.expiration.isoformat() if lease.expiration else None,
+        "reservation": lease.is_reservation,
+        "revision": lease.revision,
+    }
+
+
+def _expires_in(lease: Lease) -> str:
+    if lease.expiration is None:
+        return "never (reserved)"
+    left = (lease.expiration - datetime.now(UTC)).total_seconds()
+    hours, rest = divmod(max(0, int(left)), 3600)
+    return f"{hours}h{rest // 60:02d}m"
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def leases(as_json: bool) -> None:
+    """List every lease and reservation."""
+    store = _store_from_params(_params())
+    try:
+        snapshot = store.list_leases()
+    finally:
+        store.close()
+    rows = sorted(snapshot.leases, key=lambda x: (x.subnet is None, x.subnet or IPv4Network("0.0.0.0/0")))
+    if as_json:
+        click.echo(json.dumps({"revision": snapshot.revision, "leases": [lease_row(x) for x in rows]}, indent=2))
+        return
+    table = [("SUBNET", "PUBLIC IP", "BACKEND", "MAC", "EXPIRES")]
+    for lease in rows:
+        mac = str(lease.attrs.backend_data.get("VtepMAC", "-"))
+        table.append(
+            (str(lease.subnet), str(lease.attrs.public_ip), lease.attrs.backend_type or "-", mac, _expires_in(lease))
+        )
+    widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
+    for row in table:
+        click.echo("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+
+
+def _subnet_arg(ctx: click.Context, param: click.Parameter, value: str) -> IPv4Network:
+    try:
+        return IPv4Network(value, strict=True)
+    except ValueError as exc:
+        raise click.BadParameter(f"{value!r} is not a subnet like 10.244.3.0/24 ({exc})", ctx, param) from exc
+
+
+def _ip_arg(ctx: click.Context, param: click.Parameter, value: str) -> IPv4Address:
+    try:
+        return IPv4Address(value)
+    except ValueError as exc:
+        raise click.BadParameter(f"{value!r} is not an IPv4 address", ctx, param) from exc
+
+
+@cli.command()
+@click.argument("subnet", callback=_subnet_arg)
+@click.argument("public_ip", callback=_ip_arg)
+def reserve(subnet: IPv4Network, public_ip: IPv4Address) -> None:
+    """Reserve SUBNET for the host with PUBLIC_IP (never expires, never given to another host)."""
+    store = _store_from_params(_params())
+    try:
+        raw = store.get_config()
+        if raw is not None:
+            config = NetworkConfig.from_json(raw)
+            if not config.contains_subnet(subnet):
+                raise UserError(
+                    f"{subnet} is not a /{config.subnet_len} subnet between {config.subnet_min} and "
+                    f"{config.subnet_max} of network {config.network}"
+                )
+        store.reserve(subnet, public_ip)
+    finally:
+        store.close()
+    click.echo(f"reserved {subnet} for {public_ip}")
+
+
+@cli.command()
+@click.argument("subnet", callback=_subnet_arg)
+def unreserve(subnet: IPv4Network) -> None:
+    """Remove the reservation of SUBNET."""
+    store = _store_from_params(_params())
+    try:
+        store.unreserve(subnet)
+    finally:
+        store.close()
+    click.echo(f"unreserved {subnet}")
+
+
+# -- plugins -----------------------------------------------------------------------------------
+
+
+@cli.command()
+def plugins() -> None:
+    """List the installed stores and backends with their options."""
+    for kind, found in _installed_plugins().items():
+        click.echo(f"{kind}s:")
+        for name, cls in found.items():
+            if not isinstance(cls, type):
+                click.echo(f"  {name:<12} (unavailable: {cls})")
+                continue
+            click.echo(f"  {name:<12} {cls.description()}")
+            for param in plugin_params(cls, name):
+                click.echo(f"      {param.opts[0]:<28} {param.help}")
+
+
+# -- entry point -------------------------------------------------------------------------------
+
+
+def _register_optional_commands() -> None:
+    try:
+        from .demo import demo_command
+    except ImportError:  # pragma: no cover - the demo module is part of the package
+        return
+    cli.add_command(demo_command, "demo")
+
+
+_register_optional_commands()
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console-script entry point: exit codes 0 ok, 1 runtime failure, 2 user error."""
+    try:
+        cli.main(args=argv, prog_name="overlayd", standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("overlayd: aborted", err=True)
+        sys.exit(1)
+    except click.ClickException as exc:
+        click.echo(f"overlayd: error: {exc.format_message()}", err=True)
+        sys.exit(exc.exit_code)
+    except (UserError, ConfigError) as exc:
+        click.echo(f"overlayd: error: {exc}", err=True)
+        sys.exit(2)
+    except OverlaydError as exc:
+        click.echo(f"overlayd: {exc}", err=True)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    sys.exit(0)
+
+
+_ = ipaddress  # ipaddress types are used in annotations and callbacks

@@ -1,0 +1,388 @@
+"""The overlayd daemon: a level-triggered reconciler from store leases to kernel state.
+
+Start-up (SPEC §5): pick the underlay interface, load or create the network config, let the
+backend prepare its device (so BackendData such as the VTEP MAC is known), acquire or reuse a
+lease carrying that data, finish the backend setup, then write the subnet file.
+
+Then one loop, single-threaded on purpose: each pass lists every lease (a snapshot, never a
+replay of events), keeps our own lease alive, computes the desired kernel state for the valid
+peer leases, reads the actual state from the kernel and applies the difference.  Between passes
+it waits on the store's event stream, which only decides *when* the next pass runs: a change,
+the resync period, or the renewal deadline, whichever comes first.  A store outage leaves the
+datapath untouched (the last snapshot keeps being enforced, so kernel drift is still repaired)
+and is retried with capped, jittered exponential backoff.  A lost lease is re-acquired,
+preferring the same subnet, instead of exiting.
+
+The daemon owns no process-wide state: no signal handlers, no logging config.  ``run()`` returns
+when the given ``threading.Event`` is set; the CLI owns the process.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
+from ipaddress import IPv4Network
+from typing import Any
+
+import attrs
+
+from . import plan
+from .api import load_backend, open_store
+from .config import NetworkConfig
+from .errors import GarbledLease, HistoryGone, LeaseLost, OverlaydError, TransientError, UserError
+from .health import DaemonStatus, HealthServer
+from .hostiface import select_host
+from .model import Lease, LeaseAttrs, LeaseList
+from .plugin import Backend, HostInfo, Network, Store
+from .subnetfile import SubnetFile, previous_subnet, write_subnet_file
+
+log = logging.getLogger(__name__)
+
+WAIT_SLICE = 0.5  # longest a single store wait may block, so a stop is seen quickly
+DEBOUNCE = 0.02  # after a change, wait this long for its siblings before reconciling
+
+
+@attrs.frozen
+class DaemonSettings:
+    """Everything the daemon needs, already validated (the CLI builds this from flags)."""
+
+    store: str = "embedded"
+    store_options: Mapping[str, Any] = attrs.field(factory=dict)
+    backend: str | None = None  # None: the stored config's Backend.Type
+    backend_options: Mapping[str, Any] = attrs.field(factory=dict)
+    network: IPv4Network | None = None
+    subnet_len: int | None = None
+    ifaces: tuple[str, ...] = ()
+    iface_regex: tuple[str, ...] = ()
+    iface_can_reach: str | None = None
+    public_ip: str | None = None
+    subnet_file: str = "/run/flannel/subnet.env"
+    ip_masq: bool = False
+    healthz_ip: str = "127.0.0.1"
+    healthz_port: int = 0
+    resync_period: float = 10.0
+    release_on_exit: bool = False
+
+
+class Backoff:
+    """Capped exponential backoff with full jitter."""
+
+    def __init__(self, initial: float = 0.5, cap: float = 30.0, rng: random.Random | None = None) -> None:
+        self.initial, self.cap, self._attempt = initial, cap, 0
+        self._rng = rng or random.Random()
+
+    def next(self) -> float:
+        ceiling = min(self.cap, self.initial * (2**self._attempt))
+        self._attempt += 1
+        return self._rng.uniform(ceiling / 2, ceiling)
+
+    def reset(self) -> None:
+        self._attempt = 0
+
+
+def resolve_network_config(
+    store: Store, network: IPv4Network | None, backend: str | None, subnet_len: int | None = None
+) -> NetworkConfig:
+    """The stored config; created from the flags when absent; a contradiction is a UserError."""
+    raw = store.get_config()
+    if raw is None:
+        if network is None:
+            raise UserError(
+                "the store has no network config; pass --network CIDR (e.g. 10.244.0.0/16) "
+                "or run 'overlayd network init'"
+            )
+        doc: dict[str, Any] = {"Network": str(network), "Backend": {"Type": backend or "vxlan"}}
+        if subnet_len:
+            doc["SubnetLen"] = subnet_len
+        store.put_config(NetworkConfig.from_dict(doc).to_json(), only_if_absent=True)
+        raw = store.get_config()
+        assert raw is not None
+    config = NetworkConfig.from_json(raw)
+    if backend and backend != config.backend_type:
+        raise UserError(
+            f"--backend {backend} contradicts the stored network config (Backend.Type {config.backend_type}); "
+            "drop the flag or change the config with 'overlayd network init --force'"
+        )
+    if network is not None and network != config.network:
+        raise UserError(
+            f"--network {network} contradicts the stored network config (Network {config.network}); "
+            "drop the flag or change the config with 'overlayd network init --force'"
+        )
+    return config
+
+
+class Daemon:
+    def __init__(self, settings: DaemonSettings, *, store: Store | None = None, backend: Backend | None = None) -> None:
+        self.settings = settings
+        self.status = DaemonStatus(resync_period=settings.resync_period)
+        self._store = store
+        self._backend = backend
+        self._owns_store = store is None
+        self.config: NetworkConfig | None = None
+        self.host: HostInfo | None = None
+        self.network: Network | None = None
+        self.lease: Lease | None = None
+        self._snapshot: LeaseList | None = None
+        self._reported: set[tuple[str, int]] = set()
+        self._health: HealthServer | None = None
+
+    # -- lifecycle ---------------------------------------------------------------------------
+
+    def run(self, stop: threading.Event) -> None:
+        """Start, reconcile until *stop* is set, then shut down (keeping state unless asked)."""
+        try:
+            self._start_health()
+            if not self.start(stop):
+                return
+            self.loop(stop)
+            if self.settings.release_on_exit:
+                self.release()
+        finally:
+            self.close()
+
+    def start(self, stop: threading.Event) -> bool:
+        """Steps 1-4 of SPEC §5.  Transient store errors are retried; False if stopped meanwhile."""
+        settings = self.settings
+        backoff = Backoff()
+        self.host = select_host(settings.ifaces, settings.iface_regex, settings.iface_can_reach, settings.public_ip)
+        while True:
+            try:
+                store = self.store
+                self.config = resolve_network_config(store, settings.network, settings.backend, settings.subnet_len)
+                break
+            except TransientError as exc:
+                self._note_error(exc)
+                if stop.wait(backoff.next()):
+                    return False
+        assert self.config is not None
+        backend = self._backend or load_backend(self.config.backend_type, **dict(settings.backend_options))
+        self.network = backend.prepare(self.config, self.host)
+        try:
+            lease = self._acquire_until_done(stop)
+            if lease is None:
+                return False
+            self._adopt(lease)
+        except BaseException:
+            log.error("start-up failed; removing what this start created")
+            self.network.teardown()
+            raise
+        log.info(
+            "host %s (%s) holds %s; backend %s, MTU %d",
+            self.host.public_ip,
+            self.host.iface,
+            lease.subnet,
+            self.config.backend_type,
+            self.network.mtu,
+        )
+        return True
+
+    def _acquire_until_done(self, stop: threading.Event) -> Lease | None:
+        backoff = Backoff()
+        while not stop.is_set():
+            try:
+                return self._acquire(prefer_current=True)
+            except TransientError as exc:
+                self._note_error(exc)
+                stop.wait(backoff.next())
+        return None
+
+    def _acquire(self, prefer_current: bool) -> Lease:
+        assert self.config and self.host and self.network
+        prefer = []
+        if prefer_current and self.lease is not None and self.lease.subnet is not None:
+            prefer.append(self.lease.subnet)
+        previous = previous_subnet(self.settings.subnet_file)
+        if previous is not None:
+            prefer.append(previous)
+        lease_attrs = LeaseAttrs(
+            public_ip=self.host.public_ip,
+            public_ipv6=self.host.public_ipv6,
+            backend_type=self.config.backend_type,
+            backend_data=dict(self.network.backend_data),
+        )
+        lease = self.store.acquire_lease(self.config, lease_attrs, prefer=prefer)
+        self.status.store_healthy = True
+        return lease
+
+    def _adopt(self, lease: Lease) -> None:
+        """Make *lease* ours: finish the backend setup and (re)write the subnet file."""
+        assert self.config and self.network
+        changed = self.lease is None or self.lease.subnet != lease.subnet
+        self.lease = lease
+        self.status.lease_subnet = str(lease.subnet)
+        self.status.lease_expiration = lease.expiration.isoformat() if lease.expiration else None
+        if changed:
+            self.network.activate(lease)
+            write_subnet_file(
+                self.settings.subnet_file,
+                SubnetFile(
+                    network=self.config.network,
+                    subnet=lease.subnet,
+                    mtu=self.network.mtu,
+                    ip_masq=self.settings.ip_masq,
+                ),
+            )
+            self.status.subnet_file_written = True
+
+    def release(self) -> None:
+        """``--release-on-exit``: give the lease back and remove what overlayd made."""
+        if self.lease is not None:
+            try:
+                self.store.release_lease(self.lease)
+            except OverlaydError as exc:
+                log.warning("could not release lease %s: %s", self.lease.subnet, exc)
+        if self.network is not None:
+            self.network.teardown()
+        try:
+            os.unlink(self.settings.subnet_file)
+        except FileNotFoundError:
+            pass
+
+    def close(self) -> None:
+        if self._health is not None:
+            self._health.stop()
+            self._health = None
+        if self._store is not None and self._owns_store:
+            self._store.close()
+            self._store = None
+
+    @property
+    def store(self) -> Store:
+        if self._store is None:
+            self._store = open_store(self.settings.store, **dict(self.settings.store_options))
+        return self._store
+
+    def _start_health(self) -> None:
+        if self.settings.healthz_port:
+            self._health = HealthServer(self.settings.healthz_ip, self.settings.healthz_port, lambda: self.status)
+            self._health.start()
+
+    # -- the loop ----------------------------------------------------------------------------
+
+    def loop(self, stop: threading.Event) -> None:
+        backoff = Backoff()
+        while not stop.is_set():
+            try:
+                snapshot = self.store.list_leases()
+                self._snapshot = snapshot
+                self.status.store_healthy = True
+                self._keep_lease(snapshot)
+                self.reconcile(snapshot)
+                backoff.reset()
+                self._wait_for_change(snapshot.revision, stop)
+            except HistoryGone:
+                continue
+            except TransientError as exc:
+                self._note_error(exc)
+                self.status.store_healthy = False
+                if self._snapshot is not None:
+                    self._reconcile_quietly(self._snapshot)
+                stop.wait(backoff.next())
+
+    def _wait_for_change(self, revision: int, stop: threading.Event) -> None:
+        deadline = time.monotonic() + self.settings.resync_period
+        renew_at = self._renew_due_in()
+        if renew_at is not None:
+            deadline = min(deadline, time.monotonic() + renew_at)
+        while not stop.is_set():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            result = self.store.wait_for_events(revision, min(WAIT_SLICE, remaining))
+            if result.events:
+                stop.wait(DEBOUNCE)
+                return
+            revision = result.revision
+
+    def _renew_due_in(self) -> float | None:
+        """Seconds until our lease needs renewing (None for a reservation)."""
+        if self.lease is None or self.lease.expiration is None:
+            return None
+        due = self.lease.expiration - self.store.renew_margin
+        return max(0.0, (due - datetime.now(UTC)).total_seconds())
+
+    def _keep_lease(self, snapshot: LeaseList) -> None:
+        """Renew our lease when due; re-acquire it (same subnet preferred) when it is gone."""
+        assert self.lease is not None
+        current = next((x for x in snapshot.leases if x.key == self.lease.key), None)
+        if current is None or current.attrs.public_ip != self.lease.attrs.public_ip:
+            log.warning("lease %s is gone from the store; acquiring again", self.lease.subnet)
+            self._reacquire()
+            return
+        due = self._renew_due_in()
+        if due is not None and due <= 0:
+            try:
+                self.lease = self.store.renew_lease(current)
+                self.status.lease_expiration = self.lease.expiration.isoformat() if self.lease.expiration else None
+                log.debug("renewed lease %s until %s", self.lease.subnet, self.lease.expiration)
+            except LeaseLost:
+                self._reacquire()
+
+    def _reacquire(self) -> None:
+        lease = self._acquire(prefer_current=True)
+        if self.lease is not None and lease.subnet != self.lease.subnet:
+            log.warning("re-acquired a different subnet %s (was %s)", lease.subnet, self.lease.subnet)
+        self._adopt(lease)
+
+    def reconcile(self, snapshot: LeaseList) -> plan.Plan[Any]:
+        """One pass: desired (from *snapshot*) versus actual (from the kernel); apply the difference."""
+        assert self.network is not None and self.lease is not None
+        peers = self.valid_peers(snapshot.leases)
+        desired = self.network.desired_state(self.lease, peers)
+        actual = self.network.actual_state()
+        change = plan.diff(desired, actual)
+        if not change.empty:
+            self.network.apply(change)
+            log.info("reconciled: %d added or replaced, %d removed", len(change.add), len(change.removals()))
+        self.status.first_reconcile_done = True
+        self.status.last_reconcile = time.monotonic()
+        self.status.peers_programmed = len(peers)
+        return change
+
+    def _reconcile_quietly(self, snapshot: LeaseList) -> None:
+        try:
+            self.reconcile(snapshot)
+        except OverlaydError as exc:
+            log.warning("reconcile from the last snapshot failed: %s", exc)
+
+    def valid_peers(self, leases: Sequence[Lease]) -> list[Lease]:
+        """Leases of other hosts that this backend can program; others are logged once and skipped."""
+        assert self.config is not None and self.network is not None and self.lease is not None
+        peers = []
+        for lease in leases:
+            if lease.key == self.lease.key:
+                continue
+            if lease.is_reservation and not lease.attrs.backend_type:
+                continue  # reserved, owner not running yet
+            reason = self._invalid_reason(lease)
+            if reason is None:
+                peers.append(lease)
+            elif (lease.key, lease.revision) not in self._reported:
+                self._reported.add((lease.key, lease.revision))
+                log.warning("skipping lease %s (revision %d): %s", lease.key, lease.revision, reason)
+        return peers
+
+    def _invalid_reason(self, lease: Lease) -> str | None:
+        assert self.config is not None and self.network is not None
+        if lease.subnet is None or not self.config.contains_subnet(lease.subnet):
+            return f"subnet is outside network {self.config.network} or not a /{self.config.subnet_len}"
+        if lease.attrs.public_ip is None:
+            return "it has no PublicIP"
+        if lease.attrs.backend_type != self.config.backend_type:
+            return f"backend type {lease.attrs.backend_type!r} is not {self.config.backend_type!r}"
+        try:
+            self.network.check_peer(lease)
+        except GarbledLease as exc:
+            return str(exc)
+        return None
+
+    def _note_error(self, exc: OverlaydError) -> None:
+        text = str(exc)
+        if text != self.status.last_error:
+            log.warning("%s; retrying", text)
+        self.status.last_error = text
