@@ -1,0 +1,361 @@
+"""``overlayd demo``: a multi-host overlay in network namespaces on this machine, in one command.
+
+Design note.  The demo is a thin script over ``_topology``: build a switch and N hosts, run one
+real ``overlayd`` per host (the installed command, as an operator would), give each host a
+"container" on a cni0 bridge from the subnet file, then show what happened — the leases, an NxN
+ping matrix between containers, an iperf3 figure — and remove everything again.  It is a CLI
+command, so it owns the process: it installs signal handlers so that Ctrl-C or SIGTERM still
+cleans up, and it exits 0 only when every ping got through (2 for usage errors such as not being
+root, 1 for a failed run).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import signal
+import statistics
+import sys
+import threading
+import time
+import types
+from collections.abc import Iterator
+from ipaddress import IPv4Network
+from typing import Any
+
+import click
+
+from . import _topology as topo
+
+log = logging.getLogger(__name__)
+
+IPERF_PORT = 5201
+IPERF_SECONDS = 3
+
+
+class Progress:
+    """One line per step; on a terminal the line shows a live elapsed time until the step ends."""
+
+    def __init__(self, stream: Any = None) -> None:
+        self.stream = stream or sys.stderr
+        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        self.t0 = time.monotonic()
+        self._detail = ""
+        self._lock = threading.Lock()
+
+    def _write(self, text: str) -> None:
+        with self._lock:
+            self.stream.write(text)
+            self.stream.flush()
+
+    def update(self, detail: str) -> None:
+        self._detail = detail
+
+    @contextlib.contextmanager
+    def step(self, title: str) -> Iterator[Progress]:
+        start = time.monotonic()
+        self._detail = ""
+        stop = threading.Event()
+        ticker: threading.Thread | None = None
+        if self.tty:
+
+            def tick() -> None:
+                frames = "|/-\\"
+                i = 0
+                while not stop.wait(0.1):
+                    extra = f" {self._detail}" if self._detail else ""
+                    self._write(f"\r\033[K {frames[i % 4]} {title}{extra} ({time.monotonic() - start:.1f}s)")
+                    i += 1
+
+            ticker = threading.Thread(target=tick, daemon=True)
+            ticker.start()
+        else:
+            self._write(f"[{start - self.t0:6.1f}s] {title} ... ")
+        ok = False
+        try:
+            yield self
+            ok = True
+        finally:
+            stop.set()
+            if ticker is not None:
+                ticker.join()
+            took = time.monotonic() - start
+            extra = f" {self._detail}" if self._detail else ""
+            mark = "ok" if ok else "FAILED"
+            if self.tty:
+                self._write(f"\r\033[K {'✓' if ok else '✗'} {title}{extra} ({took:.1f}s)\n")
+            else:
+                self._write(f"{mark}{extra} ({took:.1f}s)\n")
+
+
+def _raise_interrupt(signum: int, frame: types.FrameType | None) -> None:
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
+def _store_args(store: str, cluster: topo.Cluster) -> list[str]:
+    if store == "etcd":
+        return ["--store", "etcd", "--etcd-endpoints", cluster.etcd_endpoint]
+    return ["--store", "embedded", "--embedded-path", str(cluster.workdir / "store.db")]
+
+
+def fetch_leases(cluster: topo.Cluster, store_args: list[str]) -> list[dict[str, Any]]:
+    """``overlayd leases --json`` run inside host0 (where an etcd on the underlay is reachable)."""
+    host = cluster.hosts[0]
+    proc = host.exec([cluster.overlayd, *store_args, "--log-level", "error", "leases", "--json"], check=False)
+    if proc.returncode != 0:
+        raise topo.TopologyError(f"overlayd leases failed: {proc.stderr.strip() or proc.stdout.strip()}")
+    doc = json.loads(proc.stdout)
+    rows = doc["leases"] if isinstance(doc, dict) else doc
+    return [row for row in rows if isinstance(row, dict)]
+
+
+def format_leases(cluster: topo.Cluster, rows: list[dict[str, Any]]) -> list[str]:
+    by_ip = {str(h.underlay.ip): h.name for h in cluster.hosts}
+    table = [("SUBNET", "HOST", "PUBLIC IP", "BACKEND", "VTEP MAC", "EXPIRES")]
+    for row in rows:
+        data = row.get("backend_data") or {}
+        table.append(
+            (
+                str(row.get("subnet")),
+                by_ip.get(str(row.get("public_ip")), "?"),
+                str(row.get("public_ip")),
+                str(row.get("backend_type") or "-"),
+                str(data.get("VtepMAC", "-")) if isinstance(data, dict) else "-",
+                str(row.get("expiration") or "never")[:19],
+            )
+        )
+    widths = [max(len(r[i]) for r in table) for i in range(len(table[0]))]
+    return ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in table]
+
+
+def format_matrix(cluster: topo.Cluster, results: dict[tuple[int, int], topo.PingResult]) -> list[str]:
+    names = [h.name for h in cluster.hosts]
+    width = max(10, *(len(n) for n in names))
+    lines = ["from \\ to".ljust(width) + "".join(n.rjust(width + 2) for n in names)]
+    for a in cluster.hosts:
+        cells = []
+        for b in cluster.hosts:
+            res = results.get((a.index, b.index))
+            if a is b or res is None:
+                cell = "-"
+            elif res.ok and res.rtt_avg_ms is not None:
+                cell = f"{res.rtt_avg_ms:.3f} ms"
+            else:
+                cell = f"FAIL {res.received}/{res.sent}"
+            cells.append(cell.rjust(width + 2))
+        lines.append(a.name.ljust(width) + "".join(cells))
+    return lines
+
+
+def run_iperf(cluster: topo.Cluster, client: topo.Host, server: topo.Host) -> float:
+    """TCP throughput in bit/s from *client*'s container to *server*'s, bounded in time."""
+    if client.container is None or server.container is None:
+        raise topo.TopologyError("iperf3 needs a container on both hosts")
+    src_ns, dst_ns = client.container.ns, server.container.ns
+    dst = str(server.container.address.ip)
+    srv = cluster.start_process(dst_ns, ["iperf3", "-s", "-1", "-B", dst, "-p", str(IPERF_PORT)], "iperf3-server.log")
+    try:
+
+        def listening() -> bool:
+            if not srv.running:
+                raise topo.TopologyError(f"iperf3 server exited: {srv.log_tail(5)}")
+            out = topo.run(topo.ns_exec(dst_ns, ["ss", "-Hltn", f"sport = :{IPERF_PORT}"]), check=False)
+            return bool(out.stdout.strip())
+
+        topo.wait_until(listening, 10, what="iperf3 server listening")
+        argv = ["iperf3", "-c", dst, "-p", str(IPERF_PORT), "-t", str(IPERF_SECONDS), "-J"]
+        proc = topo.run(topo.ns_exec(src_ns, argv), check=False, timeout=IPERF_SECONDS + 20)
+        try:
+            result = json.loads(proc.stdout)
+        except ValueError as exc:
+            raise topo.TopologyError(f"iperf3 gave no JSON: {(proc.stdout + proc.stderr)[-300:]}") from exc
+        try:
+            return float(result["end"]["sum_received"]["bits_per_second"])
+        except (KeyError, TypeError) as exc:
+            raise topo.TopologyError(f"iperf3 failed: {result.get('error', 'no result')}") from exc
+    finally:
+        srv.stop(timeout=2)
+
+
+def _human_bits(bps: float) -> str:
+    for unit, scale in (("Gbit/s", 1e9), ("Mbit/s", 1e6), ("kbit/s", 1e3)):
+        if bps >= scale:
+            return f"{bps / scale:.2f} {unit}"
+    return f"{bps:.0f} bit/s"
+
+
+def _wait_peer_routes(host: topo.Host, peers: list[IPv4Network], timeout: float) -> None:
+    def present() -> bool:
+        have = {r.get("dst") for r in host.routes()}
+        return all(str(p) in have for p in peers)
+
+    topo.wait_until(present, timeout, what=f"routes to every peer on {host.name}")
+
+
+def run_demo(hosts: int, backend: str, store: str, keep: bool, network: str, timeout: float, out: Any = None) -> int:
+    """The demo itself; returns the exit code.  Cleans up on every path unless *keep*."""
+    echo = (lambda text: click.echo(text, file=out)) if out is not None else click.echo
+    progress = Progress()
+    cluster = topo.Cluster(hosts, store_ns=(store == "etcd"), keep=keep)
+    all_ok = False
+    try:
+        with progress.step(f"building {hosts} hosts on a switch (prefix {cluster.prefix})"):
+            cluster.build()
+        if store == "etcd":
+            with progress.step(f"starting etcd at {cluster.etcd_endpoint} in {cluster.store_ns}"):
+                cluster.start_etcd(timeout=timeout)
+        store_args = _store_args(store, cluster)
+        global_args = [
+            *store_args,
+            "--backend", backend,
+            "--network", network,
+            "--healthz-port", "0",
+            "--resync-period", "5",
+            "--log-level", "info",
+        ]  # fmt: skip
+        with progress.step(f"starting overlayd --backend {backend} --store {store} on every host"):
+            for host in cluster.hosts:
+                host.start_daemon(global_args)
+        with progress.step("waiting for each host's lease (its subnet file)") as p:
+            envs = {}
+            for host in cluster.hosts:
+                envs[host.index] = host.wait_ready(timeout)
+                p.update(f"{len(envs)}/{hosts}")
+            p.update(", ".join(f"{cluster.hosts[i].name}={e.subnet.network}" for i, e in envs.items()))
+        with progress.step("attaching a container to cni0 on every host"):
+            for host in cluster.hosts:
+                host.attach_container(envs[host.index])
+        if backend in ("vxlan", "host-gw"):
+            with progress.step("waiting for routes to every peer") as p:
+                subnets = {h.index: envs[h.index].subnet.network for h in cluster.hosts}
+                for host in cluster.hosts:
+                    peers = [s for i, s in subnets.items() if i != host.index]
+                    _wait_peer_routes(host, peers, timeout)
+                    p.update(f"{host.index + 1}/{hosts}")
+        with progress.step("reading the leases back from the store"):
+            rows = fetch_leases(cluster, store_args)
+        echo("")
+        echo(f"Leases ({len(rows)}):")
+        for line in format_leases(cluster, rows):
+            echo("  " + line)
+        with progress.step(f"ping matrix: {hosts * (hosts - 1)} pairs, 3 packets each"):
+            results = cluster.ping_matrix(count=3, timeout=1)
+        echo("")
+        echo("Container ping matrix (average RTT of ping -c 3 -W 1, container .2 to container .2):")
+        for line in format_matrix(cluster, results):
+            echo("  " + line)
+        failed = [(a, b) for (a, b), r in results.items() if not r.ok]
+        rtts = [r.rtt_avg_ms for r in results.values() if r.rtt_avg_ms is not None]
+        echo("")
+        if rtts:
+            echo(f"RTT: median {statistics.median(rtts):.3f} ms, max {max(rtts):.3f} ms over {len(rtts)} pairs")
+        if failed:
+            echo("iperf3: skipped, the containers do not reach each other")
+        elif shutil.which("iperf3"):
+            try:
+                with progress.step(f"iperf3 {IPERF_SECONDS}s TCP, host0 container -> host1 container"):
+                    bps = run_iperf(cluster, cluster.hosts[0], cluster.hosts[1])
+                echo(f"Throughput host0 -> host1 (TCP, {IPERF_SECONDS}s, MTU {envs[0].mtu}): {_human_bits(bps)}")
+            except topo.TopologyError as exc:
+                echo(f"iperf3: no figure ({exc})")
+        else:
+            echo("iperf3: not installed, no throughput figure")
+        if failed:
+            echo(f"FAILED: {len(failed)} of {len(results)} pings did not get through: "
+                 + ", ".join(f"host{a}->host{b}" for a, b in failed))  # fmt: skip
+            for a, b in failed[:3]:
+                log.info("ping host%d->host%d: %s", a, b, results[(a, b)].output)
+            echo(f"daemon logs: {cluster.workdir}/host*/overlayd.log" + ("" if keep else " (removed on exit)"))
+        else:
+            echo(f"OK: all {len(results)} container pairs reach each other over the {backend} overlay")
+        all_ok = not failed and bool(results)
+    except topo.TopologyError as exc:
+        echo(f"overlayd demo: {exc}")
+        return 1
+    except TimeoutError as exc:
+        echo(f"overlayd demo: {exc}")
+        for host in cluster.hosts:
+            if host.daemon is not None:
+                echo(f"--- {host.name} overlayd log (tail) ---\n{host.daemon.log_tail(15)}")
+        return 1
+    except KeyboardInterrupt:
+        echo("\ninterrupted; cleaning up")
+        return 130
+    finally:
+        previous = signal.signal(signal.SIGINT, signal.SIG_IGN)  # do not leave half a cleanup
+        try:
+            if keep:
+                cluster.detach()
+                echo("")
+                echo(f"Kept: namespaces {cluster.prefix}*, files in {cluster.workdir}.")
+                echo(f"  e.g. ip netns exec {cluster.prefix}c0 ping 10.244.x.2; ip -n {cluster.prefix}h0 route")
+                echo("  remove with: overlayd demo --cleanup")
+            else:
+                with progress.step("cleaning up namespaces and processes"):
+                    cluster.cleanup()
+        finally:
+            signal.signal(signal.SIGINT, previous)
+    return 0 if all_ok else 1
+
+
+@click.command("demo")
+@click.option(
+    "--hosts", type=click.IntRange(2, topo.MAX_HOSTS), default=3, show_default=True, help="Number of namespace hosts."
+)
+@click.option("--backend", default="vxlan", show_default=True, help="Backend plugin the daemons use.")
+@click.option(
+    "--store",
+    "store_name",
+    type=click.Choice(["embedded", "etcd"]),
+    default="embedded",
+    show_default=True,
+    help="Where the leases live: a shared SQLite file, or an etcd in a namespace.",
+)
+@click.option("--network", default="10.244.0.0/16", show_default=True, help="Overlay network CIDR (10.x).")
+@click.option(
+    "--timeout",
+    type=click.FloatRange(1),
+    default=60.0,
+    show_default=True,
+    help="Seconds to wait for each step (leases, routes).",
+)
+@click.option("--keep", is_flag=True, help="Leave the namespaces and daemons running; remove later with --cleanup.")
+@click.option(
+    "--cleanup",
+    "cleanup_only",
+    is_flag=True,
+    help="Only remove what earlier demo runs (--keep, or a crash) left behind.",
+)
+def demo_command(
+    hosts: int, backend: str, store_name: str, network: str, timeout: float, keep: bool, cleanup_only: bool
+) -> None:  # fmt: skip
+    """A multi-host cluster in network namespaces on this machine: leases, ping matrix, iperf3.
+
+    Builds a switch namespace with one namespace per host, runs one overlayd per host, attaches a
+    container namespace to each, pings every container from every other, and removes it all.
+    Needs root.  Exit code 0 only when every ping got through.
+    """
+    if os.geteuid() != 0:
+        click.echo("overlayd demo: needs root (it creates network namespaces); run it with sudo", err=True)
+        sys.exit(2)
+    if cleanup_only:
+        removed = topo.cleanup_leftovers()
+        click.echo(f"removed {len(removed)} namespaces" + (f": {', '.join(removed)}" if removed else ""))
+        return
+    try:
+        net = IPv4Network(network)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--network") from exc
+    if not net.subnet_of(IPv4Network("10.0.0.0/8")):
+        raise click.BadParameter("the demo keeps overlays inside 10.0.0.0/8", param_hint="--network")
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _raise_interrupt)
+    code = run_demo(hosts, backend, store_name, keep, str(net), timeout)
+    sys.exit(code)
+
+
+if __name__ == "__main__":  # pragma: no cover - ``python -m overlayd.demo`` until the CLI registers it
+    demo_command()
