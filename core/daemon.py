@@ -283,6 +283,10 @@ class Daemon:
                 if self._snapshot is not None:
                     self._reconcile_quietly(self._snapshot)
                 stop.wait(backoff.next())
+            except OverlaydError as exc:
+                # e.g. the kernel refused one change: keep running, the next pass tries again
+                self._note_error(exc)
+                stop.wait(backoff.next())
 
     def _wait_for_change(self, revision: int, stop: threading.Event) -> None:
         deadline = time.monotonic() + self.settings.resync_period
