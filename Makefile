@@ -4,9 +4,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 # CI installs the built package (what users get); developers get an editable install.
 ifdef CI
-INSTALL_TARGET := .[test]
+INSTALL_TARGET := .[test] ./examples/routes-file-backend
 else
-INSTALL_TARGET := -e .[test]
+INSTALL_TARGET := -e .[test] -e ./examples/routes-file-backend
 endif
 APT_PACKAGES := etcd-server etcd-client iproute2 iputils-ping iperf3 containernetworking-plugins nftables iptables
 NEEDED_BINARIES := etcd etcdctl ip ping iperf3 nft iptables
