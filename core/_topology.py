@@ -530,6 +530,7 @@ class Cluster:
         self.hosts: list[Host] = []
         self.processes: list[NsProcess] = []
         self.namespaces: list[str] = []
+        self.etcd: Any = None  # an overlayd.testing.etcd.EtcdServer once start_etcd() ran
         self._overlayd: str | None = None
         self._cleaned = False
 
@@ -639,35 +640,38 @@ class Cluster:
         self.processes.append(proc)
         return proc
 
-    def start_etcd(self, timeout: float = 30.0) -> NsProcess:
-        """A single-member etcd in the store namespace, serving on the underlay address."""
+    def start_etcd(self, timeout: float = 30.0) -> None:
+        """A single-member etcd in the store namespace, serving on the underlay address.
+
+        Uses ``overlayd.testing.etcd.EtcdServer`` (its process prefixed with ``ip netns exec``) but
+        probes health from *inside* the store namespace: from the caller's namespace the
+        underlay address is not reachable, and a probe would leave through its default route.
+        """
         if self.store_ns is None:
             raise TopologyError("this cluster was built without a store namespace (store_ns=True)")
-        etcd = shutil.which("etcd") or "/usr/bin/etcd"
-        if not Path(etcd).exists():
+        if not Path(shutil.which("etcd") or "/usr/bin/etcd").exists():
             raise TopologyError("the etcd binary is missing (apt-get install etcd-server)")
-        data = self.workdir / "etcd"
-        peer = "http://127.0.0.1:2380"  # the store namespace's own loopback
-        proc = self.start_process(
-            self.store_ns,
-            [etcd, "--name", "ovd", "--data-dir", str(data),
-             "--listen-client-urls", self.etcd_endpoint, "--advertise-client-urls", self.etcd_endpoint,
-             "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
-             "--initial-cluster", f"ovd={peer}", "--initial-cluster-state", "new",
-             "--log-level", "warn"],
-            "etcd.log",
-        )  # fmt: skip
+        from .testing.etcd import EtcdServer
+
+        server = EtcdServer(
+            name=f"{self.prefix}etcd",
+            listen_host=str(STORE_ADDRESS.ip),
+            client_port=ETCD_CLIENT_PORT,
+            peer_port=ETCD_CLIENT_PORT + 1,
+            data_dir=self.workdir / "etcd",
+            command_prefix=["ip", "netns", "exec", self.store_ns],
+        )
+        self.etcd = server
+        server.launch()
+        store_ns = self.store_ns
+        probe = [sys.executable, "-c", _HTTP_PROBE, f"{self.etcd_endpoint}/health"]
 
         def healthy() -> bool:
-            if not proc.running:
-                raise TopologyError(f"etcd exited with {proc.returncode}:\n{proc.log_tail()}")
-            probe = ["curl", "-fsS", "-m", "1", f"{self.etcd_endpoint}/health"]
-            if shutil.which("curl") is None:
-                probe = [sys.executable, "-c", _TCP_PROBE, str(STORE_ADDRESS.ip), str(ETCD_CLIENT_PORT)]
-            return run(ns_exec(self.store_ns or "", probe), check=False).returncode == 0
+            if server.process is None or server.process.poll() is not None:
+                raise TopologyError(f"etcd exited; log:\n{server.log_tail()}")
+            return run(ns_exec(store_ns, probe), check=False).returncode == 0
 
         wait_until(healthy, timeout, interval=0.2, what="etcd health")
-        return proc
 
     # -- inspection --
 
@@ -700,6 +704,10 @@ class Cluster:
         for proc in [*self.processes, *(h.daemon for h in self.hosts if h.daemon is not None)]:
             with contextlib.suppress(Exception):
                 proc.kill()
+        if self.etcd is not None:
+            with contextlib.suppress(Exception):
+                self.etcd.kill()
+                self.etcd.stop()
         existing = set(list_netns())
         for ns in reversed(self.namespaces):
             if ns in existing:
@@ -724,7 +732,11 @@ class Cluster:
             self.cleanup()
 
 
-_TCP_PROBE = "import socket,sys; socket.create_connection((sys.argv[1], int(sys.argv[2])), 1).close()"
+_HTTP_PROBE = (
+    "import json, sys, urllib.request\n"
+    "doc = json.load(urllib.request.urlopen(sys.argv[1], timeout=1))\n"
+    "sys.exit(0 if str(doc.get('health')).lower() == 'true' else 1)\n"
+)
 
 
 def leftovers(prefix_glob: str = DEFAULT_PREFIX_GLOB) -> dict[str, list[str]]:
