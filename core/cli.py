@@ -77,7 +77,7 @@ def plugin_params(cls: type[Plugin], plugin_name: str) -> list[click.Option]:
         if isinstance(default, tuple):
             default = ",".join(default)
         shown = "***" if field.metadata.get("secret") else default
-        help_text = f"{field.metadata.get('help', '')} [{plugin_name}; default: {shown}]"
+        help_text = str(field.metadata.get("help", ""))
         decls = [f"--{flag}/--no-{flag}"] if is_flag else [f"--{flag}"]
         params.append(
             click.Option(
@@ -87,7 +87,7 @@ def plugin_params(cls: type[Plugin], plugin_name: str) -> list[click.Option]:
                 help=help_text,
                 envvar=f"{ENV_PREFIX}_{_ident(plugin_name).upper()}_{field.name.upper()}",
                 show_envvar=True,
-                show_default=False,
+                show_default=str(shown),
             )
         )
     return params
@@ -207,7 +207,11 @@ def _global_options(f: Callable[..., Any]) -> Callable[..., Any]:
             help="On SIGTERM, give the lease back and remove kernel state.",
         ),
         click.option(
-            "--log-level", type=click.Choice(["debug", "info", "warning", "error"]), default="info", show_default=True
+            "--log-level",
+            type=click.Choice(["debug", "info", "warning", "error"]),
+            default="info",
+            show_default=True,
+            help="Log verbosity.",
         ),
     ]
     for option in reversed(options):
@@ -449,7 +453,7 @@ def plugins() -> None:
                 continue
             click.echo(f"  {name:<12} {cls.description()}")
             for param in plugin_params(cls, name):
-                click.echo(f"      {param.opts[0]:<28} {param.help}")
+                click.echo(f"      {param.opts[0]:<28} {param.help} (default: {param.show_default})")
 
 
 # -- entry point -------------------------------------------------------------------------------
