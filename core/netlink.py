@@ -493,8 +493,9 @@ def apply_plan(ipr: IPRoute, plan: Plan[Any]) -> None:
     the L2 path under it resolves.  Deletions run route, FDB, neighbour (the reverse).  Routes and
     neighbours are deleted only when no addition refills their slot (``plan.removals()``), because
     a delete matches the slot, not the old content.  An FDB delete names the exact remote
-    (``dst``), so every removed FDB entry is deleted: a VXLAN FDB slot can hold several remotes and
-    this clears the extra ones in the same pass.
+    (``dst``), so every removed FDB entry is deleted: the all-zeros (flood) and multicast MACs can
+    hold several remotes in one slot, and this clears the extra ones in the same pass.  (For a
+    unicast MAC the kernel keeps one remote: ``append`` is silently ignored, ``replace`` swaps it.)
     """
     index = _Indexes(ipr)
     for obj in plan.add:
