@@ -21,6 +21,7 @@ stopped by namespace (``ip netns pids``), so a daemon's children go too.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import fnmatch
 import json
@@ -34,6 +35,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 from pathlib import Path
@@ -54,6 +56,8 @@ STATE_DIR = Path("/run/overlayd-topology")
 ETCD_CLIENT_PORT = 2379
 
 T = TypeVar("T")
+
+_live: weakref.WeakSet[Cluster] = weakref.WeakSet()
 
 
 class TopologyError(RuntimeError):
@@ -575,6 +579,8 @@ class Cluster:
     # -- building --
 
     def build(self) -> Cluster:
+        if not self.keep:
+            _live.add(self)  # cleaned up at interpreter exit if nobody else did
         try:
             self.add_netns(self.switch_ns)
             sw = ["ip", "-n", self.switch_ns]
@@ -730,6 +736,13 @@ class Cluster:
             self.detach()
         else:
             self.cleanup()
+
+
+@atexit.register
+def _cleanup_live_clusters() -> None:
+    for live in list(_live):
+        with contextlib.suppress(Exception):
+            live.cleanup()
 
 
 _HTTP_PROBE = (

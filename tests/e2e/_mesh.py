@@ -1,0 +1,75 @@
+"""Helpers shared by the end-to-end tests: daemon options, bring-up, route and ping checks."""
+
+from __future__ import annotations
+
+import time
+from ipaddress import IPv4Network
+from pathlib import Path
+
+from overlayd import _topology as topo
+
+NETWORK = "10.244.0.0/16"
+RESYNC = 2.0
+
+
+def embedded_args(cluster: topo.Cluster, *extra: str) -> list[str]:
+    """Daemon options for the default store (no ``--store``: embedded is the default)."""
+    return [
+        "--embedded-path", str(store_path(cluster)),
+        "--backend", "vxlan",
+        "--network", NETWORK,
+        "--healthz-port", "0",
+        "--resync-period", str(RESYNC),
+        "--log-level", "debug",
+        *extra,
+    ]  # fmt: skip
+
+
+def store_path(cluster: topo.Cluster) -> Path:
+    return cluster.workdir / "store.db"
+
+
+def bring_up(cluster: topo.Cluster, args: list[str], hosts: list[topo.Host] | None = None) -> None:
+    """Start a daemon on each host, wait for its subnet file, attach its container, wait for routes."""
+    hosts = cluster.hosts if hosts is None else hosts
+    for host in hosts:
+        host.start_daemon(args)
+    for host in hosts:
+        host.attach_container(host.wait_ready(30))
+    wait_full_mesh_routes(cluster)
+
+
+def subnets(cluster: topo.Cluster) -> dict[int, IPv4Network]:
+    out = {}
+    for host in cluster.hosts:
+        env = host.subnet_env()
+        assert env is not None, f"{host.name} has no subnet file"
+        out[host.index] = env.subnet.network
+    return out
+
+
+def wait_full_mesh_routes(cluster: topo.Cluster, timeout: float = 15) -> None:
+    nets = subnets(cluster)
+    for host in cluster.hosts:
+        want = {str(n) for i, n in nets.items() if i != host.index}
+        wait_routes(host, want, timeout)
+
+
+def route_dsts(host: topo.Host) -> set[str]:
+    return {str(r.get("dst")) for r in host.routes()}
+
+
+def wait_routes(host: topo.Host, want: set[str], timeout: float) -> float:
+    """Wait until *host* has a route for every subnet in *want*; return the seconds it took."""
+    start = time.monotonic()
+    topo.wait_until(lambda: want <= route_dsts(host), timeout, what=f"routes {sorted(want)} on {host.name}")
+    return time.monotonic() - start
+
+
+def assert_full_mesh(cluster: topo.Cluster, count: int = 3) -> dict[tuple[int, int], topo.PingResult]:
+    results = cluster.ping_matrix(count=count, timeout=1)
+    failed = {k: r.output for k, r in results.items() if not r.ok}
+    assert not failed, f"pings failed: {failed}"
+    expected = len([h for h in cluster.hosts if h.container is not None])
+    assert len(results) == expected * (expected - 1)
+    return results
