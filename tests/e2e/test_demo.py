@@ -1,0 +1,115 @@
+"""``overlayd demo`` run as a user would: the installed command, as a subprocess."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import time
+
+import pytest
+from click.testing import CliRunner
+from overlayd import _topology as topo
+from overlayd.demo import demo_command
+
+pytestmark = [pytest.mark.root, pytest.mark.timeout(300)]
+
+PREFIX_RE = re.compile(r"prefix (ovd[0-9a-f]{4}-)")
+
+
+def _demo(*args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [topo.overlayd_executable(), "demo", *args], capture_output=True, text=True, timeout=timeout, check=False
+    )
+
+
+def _prefix(proc: subprocess.CompletedProcess[str]) -> str:
+    match = PREFIX_RE.search(proc.stdout + proc.stderr)
+    assert match, proc.stdout + proc.stderr
+    return match.group(1)
+
+
+def _ours(prefix: str) -> list[str]:
+    return [ns for ns in topo.list_netns() if ns.startswith(prefix)]
+
+
+def _processes_in_workdir(prefix: str) -> list[str]:
+    out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True, check=True).stdout
+    return [line for line in out.splitlines() if f"/{prefix}" in line]
+
+
+def test_demo_three_hosts_succeeds_and_leaves_nothing(figures):
+    start = time.monotonic()
+    proc = _demo("--hosts", "3")
+    took = time.monotonic() - start
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "OK: all 6 container pairs reach each other" in proc.stdout
+    assert "FAIL" not in proc.stdout
+    assert proc.stdout.count("vxlan") >= 3  # one lease row per host
+    prefix = _prefix(proc)
+    assert _ours(prefix) == []
+    assert _processes_in_workdir(prefix) == []
+    assert not (topo.STATE_DIR / f"{prefix}.json").exists()
+    throughput = re.search(r"Throughput .*: ([\d.]+ \S+)", proc.stdout)
+    figures.add(
+        f"overlayd demo --hosts 3: {took:.1f} s wall" + (f", iperf3 {throughput.group(1)}" if throughput else "")
+    )
+
+
+def test_demo_keep_then_cleanup():
+    kept = _demo("--hosts", "2", "--keep")
+    prefix = _prefix(kept)
+    try:
+        assert kept.returncode == 0, kept.stdout + kept.stderr
+        assert "overlayd demo --cleanup" in kept.stdout
+        assert len(_ours(prefix)) == 5  # switch, 2 hosts, 2 containers
+        cleaned = _demo("--cleanup", timeout=60)
+        assert cleaned.returncode == 0, cleaned.stdout + cleaned.stderr
+        assert _ours(prefix) == []
+        assert _processes_in_workdir(prefix) == []
+    finally:
+        for ns in _ours(prefix):
+            topo.delete_netns(ns)
+
+
+def test_demo_ctrl_c_cleans_up():
+    proc = subprocess.Popen(
+        [topo.overlayd_executable(), "demo", "--hosts", "2"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    prefix = None
+    try:
+        # Interrupt once the daemons are up (the demo prints the prefix first, then builds).
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and prefix is None:
+            for ns in topo.list_netns():
+                if ns.endswith("-c1") and topo.PREFIX_RE.match(ns[:8]):
+                    record = topo.STATE_DIR / f"{ns[:8]}.json"
+                    if record.exists() and f'"pid": {proc.pid}' in record.read_text():
+                        prefix = ns[:8]
+            time.sleep(0.05)
+        assert prefix is not None, "the demo never attached its containers"
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+        assert proc.returncode == 130, out + err
+        assert "interrupted" in out
+        assert _ours(prefix) == []
+        assert _processes_in_workdir(prefix) == []
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if prefix:
+            for ns in _ours(prefix):
+                topo.delete_netns(ns)
+
+
+def test_demo_needs_root(monkeypatch):
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    result = CliRunner().invoke(demo_command, ["--hosts", "2"])
+    assert result.exit_code == 2
+    assert "needs root" in result.output
+    assert "Traceback" not in result.output
