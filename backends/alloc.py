@@ -43,3 +43,6 @@ class AllocBackend(Backend):
 
     def prepare(self, config: NetworkConfig, host: HostInfo) -> Network:
         return AllocNetwork(host)
+
+    def offline(self, config: NetworkConfig, host: HostInfo, own: Lease) -> Network:
+        return AllocNetwork(host)

@@ -3,8 +3,23 @@
 The public API is what ``__all__`` lists; modules starting with ``_`` are internal.
 """
 
-from .api import build_options, load_backend, open_store
+from .api import (
+    DryRun,
+    backend_class,
+    build_options,
+    dry_run,
+    installed_plugins,
+    load_backend,
+    open_store,
+    open_store_from_environment,
+    read_network_config,
+    store_class,
+    watch,
+    watch_in_background,
+    write_network_config,
+)
 from .config import NetworkConfig
+from .daemon import DaemonSettings, run
 from .errors import (
     ConfigError,
     GarbledLease,
@@ -29,6 +44,8 @@ __version__ = "0.1.0"
 __all__ = [
     "Backend",
     "ConfigError",
+    "DaemonSettings",
+    "DryRun",
     "EventKind",
     "GarbledLease",
     "HistoryGone",
@@ -55,8 +72,18 @@ __all__ = [
     "UserError",
     "WatchResult",
     "__version__",
+    "backend_class",
     "build_options",
+    "dry_run",
+    "installed_plugins",
     "load_backend",
     "open_store",
+    "open_store_from_environment",
     "option",
+    "read_network_config",
+    "run",
+    "store_class",
+    "watch",
+    "watch_in_background",
+    "write_network_config",
 ]

@@ -29,10 +29,10 @@ from typing import Any
 import attrs
 import click
 
-from . import _loader
-from .api import open_store
+from .api import backend_class, installed_plugins, open_store, store_class, write_network_config
 from .config import NetworkConfig
-from .daemon import Daemon, DaemonSettings
+from .daemon import DaemonSettings
+from .daemon import run as run_daemon
 from .errors import ConfigError, OverlaydError, UserError
 from .model import Lease
 from .plugin import Plugin, Store
@@ -93,13 +93,6 @@ def plugin_params(cls: type[Plugin], plugin_name: str) -> list[click.Option]:
     return params
 
 
-def _installed_plugins() -> dict[str, dict[str, type[Plugin] | Exception]]:
-    return {
-        "store": _loader.all_plugins(_loader.STORES),
-        "backend": _loader.all_plugins(_loader.BACKENDS),
-    }
-
-
 def plugin_options(params: dict[str, Any], plugin_name: str, cls: type[Plugin]) -> dict[str, Any]:
     """The values given for *plugin_name*'s options (unset ones left to the plugin's defaults)."""
     out = {}
@@ -155,7 +148,7 @@ class _Group(click.Group):
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        for _kind, plugins in _installed_plugins().items():
+        for _kind, plugins in installed_plugins().items():
             for name, cls in plugins.items():
                 if isinstance(cls, type):
                     self.params.extend(plugin_params(cls, name))
@@ -222,7 +215,7 @@ def _global_options(f: Callable[..., Any]) -> Callable[..., Any]:
 @click.group(cls=_Group, invoke_without_command=True, context_settings={"auto_envvar_prefix": ENV_PREFIX})
 @_global_options
 @click.pass_context
-def cli(ctx: click.Context, **params: Any) -> None:
+def cli(ctx: click.Context, /, **params: Any) -> None:
     """overlayd: a container overlay network in the spirit of flannel.
 
     With no command, runs the daemon (same as 'overlayd run').
@@ -243,15 +236,15 @@ def _params() -> dict[str, Any]:
 
 def _store_from_params(params: dict[str, Any]) -> Store:
     name = params["store"]
-    cls = _loader.load_store(name)
+    cls = store_class(name)
     return open_store(name, **plugin_options(params, name, cls))
 
 
 def settings_from_params(params: dict[str, Any]) -> DaemonSettings:
-    store_cls = _loader.load_store(params["store"])
+    store_cls = store_class(params["store"])
     backend_options: dict[str, Any] = {}
     if params["backend"]:
-        backend_cls = _loader.load_backend(params["backend"])
+        backend_cls = backend_class(params["backend"])
         backend_options = plugin_options(params, params["backend"], backend_cls)
     return DaemonSettings(
         store=params["store"],
@@ -285,7 +278,7 @@ def run() -> None:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    Daemon(settings).run(stop)
+    run_daemon(settings, stop)
 
 
 # -- network config ----------------------------------------------------------------------------
@@ -321,11 +314,10 @@ def network_init(
         if subnet_len_opt or params["subnet_len"]:
             doc["SubnetLen"] = subnet_len_opt or params["subnet_len"]
         config = NetworkConfig.from_dict(doc)
-    _loader.load_backend(config.backend_type)  # an unknown backend is a user error now, not at start-up
+    backend_class(config.backend_type)  # an unknown backend is a user error now, not at start-up
     store = _store_from_params(params)
     try:
-        if not store.put_config(config.to_json(), only_if_absent=not force):
-            raise UserError("the store already has a network config; use --force to replace it")
+        write_network_config(store, config, force=force)
     finally:
         store.close()
     click.echo(config.to_json())
@@ -445,7 +437,7 @@ def unreserve(subnet: IPv4Network) -> None:
 @cli.command()
 def plugins() -> None:
     """List the installed stores and backends with their options."""
-    for kind, found in _installed_plugins().items():
+    for kind, found in installed_plugins().items():
         click.echo(f"{kind}s:")
         for name, cls in found.items():
             if not isinstance(cls, type):

@@ -24,7 +24,7 @@ import os
 import random
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import UTC, datetime
 from ipaddress import IPv4Network
 from typing import Any
@@ -67,6 +67,14 @@ class DaemonSettings:
     healthz_port: int = 0
     resync_period: float = 10.0
     release_on_exit: bool = False
+
+
+def run(settings: DaemonSettings, stop: threading.Event) -> None:
+    """Run the daemon in this process until *stop* is set (the library form of ``overlayd run``).
+
+    Installs no signal handlers and configures no logging; set *stop* from wherever you like.
+    """
+    Daemon(settings).run(stop)
 
 
 class Backoff:
@@ -355,38 +363,52 @@ class Daemon:
             log.warning("reconcile from the last snapshot failed: %s", exc)
 
     def valid_peers(self, leases: Sequence[Lease]) -> list[Lease]:
-        """Leases of other hosts that this backend can program; others are logged once and skipped."""
         assert self.config is not None and self.network is not None and self.lease is not None
-        peers = []
-        for lease in leases:
-            if lease.key == self.lease.key:
-                continue
-            if lease.is_reservation and not lease.attrs.backend_type:
-                continue  # reserved, owner not running yet
-            reason = self._invalid_reason(lease)
-            if reason is None:
-                peers.append(lease)
-            elif (lease.key, lease.revision) not in self._reported:
-                self._reported.add((lease.key, lease.revision))
-                log.warning("skipping lease %s (revision %d): %s", lease.key, lease.revision, reason)
-        return peers
+        return valid_peers(self.config, self.network, self.lease, leases, self._report_invalid)
 
-    def _invalid_reason(self, lease: Lease) -> str | None:
-        assert self.config is not None and self.network is not None
-        if lease.subnet is None or not self.config.contains_subnet(lease.subnet):
-            return f"subnet is outside network {self.config.network} or not a /{self.config.subnet_len}"
-        if lease.attrs.public_ip is None:
-            return "it has no PublicIP"
-        if lease.attrs.backend_type != self.config.backend_type:
-            return f"backend type {lease.attrs.backend_type!r} is not {self.config.backend_type!r}"
-        try:
-            self.network.check_peer(lease)
-        except GarbledLease as exc:
-            return str(exc)
-        return None
+    def _report_invalid(self, key: str, revision: int, reason: str) -> None:
+        if (key, revision) not in self._reported:
+            self._reported.add((key, revision))
+            log.warning("skipping lease %s (revision %d): %s", key, revision, reason)
 
     def _note_error(self, exc: OverlaydError) -> None:
         text = str(exc)
         if text != self.status.last_error:
             log.warning("%s; retrying", text)
         self.status.last_error = text
+
+
+def valid_peers(
+    config: NetworkConfig,
+    network: Network,
+    own: Lease,
+    leases: Sequence[Lease],
+    report: Callable[[str, int, str], None],
+) -> list[Lease]:
+    """Leases of other hosts that *network* can program; *report* hears why each other one is not."""
+    peers = []
+    for lease in leases:
+        if lease.key == own.key:
+            continue
+        if lease.is_reservation and not lease.attrs.backend_type:
+            continue  # reserved, owner not running yet
+        reason = _invalid_reason(config, network, lease)
+        if reason is None:
+            peers.append(lease)
+        else:
+            report(lease.key, lease.revision, reason)
+    return peers
+
+
+def _invalid_reason(config: NetworkConfig, network: Network, lease: Lease) -> str | None:
+    if lease.subnet is None or not config.contains_subnet(lease.subnet):
+        return f"subnet is outside network {config.network} or not a /{config.subnet_len}"
+    if lease.attrs.public_ip is None:
+        return "it has no PublicIP"
+    if lease.attrs.backend_type != config.backend_type:
+        return f"backend type {lease.attrs.backend_type!r} is not {config.backend_type!r}"
+    try:
+        network.check_peer(lease)
+    except GarbledLease as exc:
+        return str(exc)
+    return None

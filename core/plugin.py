@@ -27,7 +27,7 @@ import attrs
 
 from . import ipam
 from .config import NetworkConfig
-from .errors import HistoryGone, LeaseConflict, LeaseLost
+from .errors import HistoryGone, LeaseConflict, LeaseLost, PermanentError
 from .model import (
     EventKind,
     Lease,
@@ -282,3 +282,11 @@ class Backend(Plugin):
     @abc.abstractmethod
     def prepare(self, config: NetworkConfig, host: HostInfo) -> Network:
         """Create local state (e.g. the VXLAN device) so BackendData is known before the lease."""
+
+    def offline(self, config: NetworkConfig, host: HostInfo, own: Lease) -> Network:
+        """A ``Network`` for planning only (dry runs): built from the host's lease, creating nothing.
+
+        Its ``desired_state`` must equal what the prepared network would want; ``actual_state``
+        may read the kernel; ``apply`` must never be called on it.
+        """
+        raise PermanentError(f"backend {self.name!r} does not support dry runs")

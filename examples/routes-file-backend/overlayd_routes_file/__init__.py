@@ -83,3 +83,6 @@ class RoutesFileBackend(Backend):
 
     def prepare(self, config: NetworkConfig, host: HostInfo) -> Network:
         return RoutesFileNetwork(host, self.options.path)
+
+    def offline(self, config: NetworkConfig, host: HostInfo, own: Lease) -> Network:
+        return RoutesFileNetwork(host, self.options.path)  # prepare() creates nothing either
