@@ -1,0 +1,750 @@
+"""etcd store: the network config and the leases in etcd v3, in flannel's exact layout.
+
+Keys (``prefix`` default ``/coreos.com/network``): ``<prefix>/config``, ``<prefix>/subnets/10.244.3.0-24``,
+``<prefix>/v6-subnets/<addr>-<len>``; values are flannel's JSON, so overlayd and flannel nodes
+share one etcd.
+
+Design notes:
+* python-etcd3 0.12 is the client, but only for what it does well: channels, TLS credentials,
+  the auth handshake, unary KV/lease calls and its protobuf stubs.  Its ``watch_prefix``
+  machinery is not used: while etcd is down its thread busy-loops a CPU core, and after a
+  reconnect the watch is silently dead.
+* 0.12's generated protobuf modules only load with the pure-Python protobuf runtime when
+  protobuf >= 4 is installed, hence the ``setdefault`` of
+  ``PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION`` before the import (users never have to know).
+* ``wait_for_events`` opens one short gRPC watch stream per call, starting at
+  ``since_revision + 1`` with ``prev_kv``.  Nothing outlives the call, so there is nothing to
+  go stale across reconnects; a call on a dead or hung etcd fails with ``StoreUnavailable``
+  after at most ``WATCH_CREATE_TIMEOUT`` (no "watch created" answer), and the caller backs off.
+  Compaction is reported by etcd on the stream and becomes ``HistoryGone``.
+* Deletes are told apart by the etcd lease of the deleted key (``prev_kv``): when that lease
+  no longer exists the key went because its TTL ran out (``EXPIRED``); when it still exists the
+  key was deleted (``REMOVED``).  For that reason ``delete_lease`` never revokes the etcd lease
+  and a renewal grants a new one (as flannel does): orphaned etcd leases own no key and simply
+  run out.
+* Every write is a transaction guarded on the key: version 0 to create; the mod revision that
+  was read (after checking the PublicIP) to update, reserve or delete.  Nobody's lease is ever
+  overwritten.  A key without an etcd lease is a reservation and stays one when updated.
+* ``Lease.expiration`` comes from the etcd lease's remaining TTL.  Expiry times of etcd leases
+  do not move (we never keep them alive), so they are cached per lease ID; the misses of a
+  listing are asked for concurrently (gRPC futures), which keeps a list of 1000 leases fast.
+* Several endpoints: calls stick to the member that last answered and move on to the next one
+  on a connection error or timeout.  gRPC's reconnect backoff is capped at 2 s so a member that
+  comes back is used again quickly.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from datetime import UTC, datetime, timedelta
+from ipaddress import IPv4Address, IPv4Network
+from typing import Any, TypeVar
+from urllib.parse import urlsplit
+
+import attrs
+from overlayd.errors import GarbledLease, HistoryGone, LeaseLost, StoreUnavailable, UserError
+from overlayd.model import (
+    EventKind,
+    Lease,
+    LeaseAttrs,
+    LeaseEvent,
+    LeaseList,
+    WatchResult,
+    key_to_subnet,
+    parse_lease,
+    subnet_to_key,
+)
+from overlayd.plugin import Store, comma_list, option, seconds
+
+# python-etcd3 0.12's *_pb2 modules predate protobuf 4's upb runtime; see the design notes.
+os.environ.setdefault("PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION", "python")
+
+import grpc
+
+with warnings.catch_warnings():  # its generated code uses descriptor APIs protobuf deprecates
+    warnings.simplefilter("ignore", DeprecationWarning)
+    import etcd3
+    from etcd3 import etcdrpc
+    from etcd3.etcdrpc import kv_pb2
+
+log = logging.getLogger(__name__)
+
+_PUT = kv_pb2.Event.PUT
+_DELETE = kv_pb2.Event.DELETE
+
+T = TypeVar("T")
+
+#: Deadline of every unary call; a hung member is given up on after this long.
+REQUEST_TIMEOUT = 5.0
+#: How long a new watch may take to be confirmed before etcd counts as unreachable.
+WATCH_CREATE_TIMEOUT = 2.0
+#: How long a cached etcd-lease expiry is trusted before it is asked for again.
+EXPIRY_CACHE_SECONDS = 60.0
+#: Rounds over all members while etcd elects a leader, and the pause between them.
+ELECTION_ROUNDS = 4
+ELECTION_PAUSE = 0.5
+#: Compare-and-swap retries for update, reserve and delete when the key changes under us.
+CAS_ATTEMPTS = 5
+
+_GRPC_OPTIONS = [
+    ("grpc.initial_reconnect_backoff_ms", 200),
+    ("grpc.min_reconnect_backoff_ms", 200),
+    ("grpc.max_reconnect_backoff_ms", 2000),
+    # etcd's default --grpc-keepalive-min-time is 5 s; ping less often than that.
+    ("grpc.keepalive_time_ms", 10000),
+    ("grpc.keepalive_timeout_ms", 5000),
+]
+
+# gRPC codes that mean "this member cannot answer now": try the next one.
+_CONNECTION_CODES = {
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.DEADLINE_EXCEEDED,
+    grpc.StatusCode.CANCELLED,
+    grpc.StatusCode.UNKNOWN,
+    grpc.StatusCode.INTERNAL,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+}
+_TLS_HINTS = ("ssl", "tls", "handshake", "certificate", "x509")
+
+
+@attrs.frozen
+class EtcdOptions:
+    endpoints: tuple[str, ...] = option(
+        "http://127.0.0.1:2379", "comma-separated etcd client URLs (http:// or https://)", converter=comma_list
+    )
+    prefix: str = option("/coreos.com/network", "key prefix of the network config and the leases")
+    cafile: str = option("", "CA certificate (PEM) that signed the etcd server certificate")
+    certfile: str = option("", "client certificate (PEM) for etcd client-certificate auth")
+    keyfile: str = option("", "private key (PEM) of the client certificate")
+    username: str = option("", "etcd user name (etcd auth)")
+    password: str = option("", "password of the etcd user", secret=True)
+    ttl: timedelta = option(timedelta(hours=24), "lease lifetime in seconds", converter=seconds)
+    renew_margin: timedelta = option(
+        timedelta(hours=1), "renew a lease when less than this many seconds are left", converter=seconds
+    )
+
+
+@attrs.frozen
+class _Endpoint:
+    url: str
+    host: str
+    port: int
+    secure: bool
+
+
+@attrs.frozen
+class _KV:
+    """One key as read from etcd."""
+
+    key: str
+    value: bytes
+    lease_id: int
+    mod_revision: int
+
+
+class _Unavailable(Exception):
+    """Internal: this member failed; try the next one."""
+
+    def __init__(self, endpoint: str, detail: str) -> None:
+        super().__init__(f"{endpoint}: {detail}")
+
+
+def _parse_endpoint(url: str) -> _Endpoint:
+    text = url if "://" in url else f"http://{url}"
+    parts = urlsplit(text)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise UserError(f"etcd endpoint {url!r} is not a URL like http://127.0.0.1:2379; fix --etcd-endpoints")
+    try:
+        port = parts.port or 2379
+    except ValueError as exc:
+        raise UserError(f"etcd endpoint {url!r} has a bad port; fix --etcd-endpoints") from exc
+    host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
+    return _Endpoint(url=text, host=host, port=port, secure=parts.scheme == "https")
+
+
+def _rpc_error(exc: BaseException) -> grpc.RpcError | None:
+    """The gRPC error behind *exc* (python-etcd3 re-raises some as its own exceptions)."""
+    seen: BaseException | None = exc
+    while seen is not None:
+        if isinstance(seen, grpc.RpcError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def _details(error: grpc.RpcError) -> str:
+    details = getattr(error, "details", None)
+    text = details() if callable(details) else None
+    return str(text or error)
+
+
+def _prefix_end(prefix: bytes) -> bytes:
+    return bytes(etcd3.utils.increment_last_byte(prefix))
+
+
+class EtcdStore(Store):
+    """etcd v3 cluster, in flannel's key layout (the production store for many hosts)."""
+
+    Options = EtcdOptions
+    options: EtcdOptions
+
+    def __init__(self, options: EtcdOptions) -> None:
+        super().__init__(options)
+        self.lease_ttl = options.ttl
+        self.renew_margin = options.renew_margin
+        if not options.endpoints:
+            raise UserError("no etcd endpoints given; pass --etcd-endpoints http://HOST:2379")
+        self._endpoints = [_parse_endpoint(url) for url in options.endpoints]
+        self._check_tls_options()
+        prefix = "/" + options.prefix.strip("/")
+        self._prefix = prefix
+        self._config_key = f"{prefix}/config"
+        self._v4_dir = f"{prefix}/subnets/"
+        self._v6_dir = f"{prefix}/v6-subnets/"
+        self._lock = threading.Lock()
+        self._clients: dict[int, etcd3.Etcd3Client] = {}
+        self._current = 0
+        self._expiry: dict[int, tuple[float, float]] = {}  # lease id -> (expires at, fetched at)
+        self._closed = False
+
+    def __repr__(self) -> str:
+        return f"EtcdStore(endpoints={','.join(self.options.endpoints)}, prefix={self._prefix})"
+
+    def _check_tls_options(self) -> None:
+        options = self.options
+        if bool(options.certfile) != bool(options.keyfile):
+            raise UserError("etcd client TLS needs both --etcd-certfile and --etcd-keyfile")
+        if bool(options.username) != bool(options.password):
+            raise UserError("etcd auth needs both --etcd-username and --etcd-password")
+        secure = {endpoint.secure for endpoint in self._endpoints}
+        if len(secure) > 1:
+            raise UserError("etcd endpoints mix http:// and https://; use one scheme for all members")
+        if secure == {True} and not options.cafile:
+            raise UserError("https:// etcd endpoints need --etcd-cafile (the CA that signed the etcd server cert)")
+        if secure == {False} and (options.cafile or options.certfile):
+            raise UserError("TLS files were given but the etcd endpoints use http://; use https:// endpoints")
+        for flag, path in (("cafile", options.cafile), ("certfile", options.certfile), ("keyfile", options.keyfile)):
+            if path:
+                try:
+                    with open(path, "rb"):
+                        pass
+                except OSError as exc:
+                    raise UserError(f"cannot read --etcd-{flag} {path}: {exc.strerror}") from exc
+
+    # -- connections --------------------------------------------------------------------------
+
+    def _client(self, index: int) -> etcd3.Etcd3Client:
+        with self._lock:
+            if self._closed:
+                raise StoreUnavailable("the etcd store is closed")
+            client = self._clients.get(index)
+        if client is not None:
+            return client
+        client = self._connect(self._endpoints[index])
+        with self._lock:
+            self._clients.setdefault(index, client)
+            return self._clients[index]
+
+    def _connect(self, endpoint: _Endpoint) -> etcd3.Etcd3Client:
+        options = self.options
+        user = options.username or None
+        password = options.password or None
+        try:
+            client = etcd3.client(
+                endpoint.host,
+                endpoint.port,
+                ca_cert=options.cafile or None,
+                cert_key=options.keyfile or None,
+                cert_cert=options.certfile or None,
+                timeout=REQUEST_TIMEOUT,
+                user=user,
+                password=password,
+                grpc_options=_GRPC_OPTIONS,
+            )
+        except Exception as exc:
+            error = _rpc_error(exc)
+            if error is None:
+                raise UserError(f"cannot set up the etcd client for {endpoint.url}: {exc}") from exc
+            detail = _details(error)
+            if "authentication is not enabled" in detail:
+                log.warning("etcd at %s has auth disabled; ignoring --etcd-username", endpoint.url)
+                return self._connect_plain(endpoint)
+            self._raise_permanent(error, endpoint.url)
+            raise _Unavailable(endpoint.url, detail) from exc
+        # python-etcd3 attaches the token twice: as metadata and as call credentials, which gRPC
+        # refuses to send over a plain channel.  The metadata alone is what etcd reads.
+        client.call_credentials = None
+        return client
+
+    def _connect_plain(self, endpoint: _Endpoint) -> etcd3.Etcd3Client:
+        options = self.options
+        return etcd3.client(
+            endpoint.host,
+            endpoint.port,
+            ca_cert=options.cafile or None,
+            cert_key=options.keyfile or None,
+            cert_cert=options.certfile or None,
+            timeout=REQUEST_TIMEOUT,
+            grpc_options=_GRPC_OPTIONS,
+        )
+
+    def _drop(self, index: int) -> None:
+        with self._lock:
+            client = self._clients.pop(index, None)
+        if client is not None:
+            client.close()
+
+    def _raise_permanent(self, error: grpc.RpcError, url: str) -> None:
+        """Raise ``UserError`` for errors that no retry fixes (auth, permissions, TLS setup)."""
+        code = error.code()
+        detail = _details(error)
+        lowered = detail.lower()
+        if code is grpc.StatusCode.INVALID_ARGUMENT and "authentication failed" in lowered:
+            raise UserError(
+                f"etcd at {url} rejected user {self.options.username!r}: wrong --etcd-username or --etcd-password"
+            ) from error
+        if code is grpc.StatusCode.PERMISSION_DENIED:
+            who = f"user {self.options.username!r}" if self.options.username else "an anonymous client"
+            raise UserError(
+                f"etcd at {url} denied {who} access to {self._prefix}: grant a role on that prefix, "
+                "or pass --etcd-username/--etcd-password"
+            ) from error
+        needs_auth = "user name is empty" in lowered or code is grpc.StatusCode.UNAUTHENTICATED
+        if needs_auth and "invalid auth token" not in lowered:
+            raise UserError(
+                f"etcd at {url} requires authentication ({detail}); pass --etcd-username and --etcd-password"
+            ) from error
+        if code is grpc.StatusCode.UNAVAILABLE and any(hint in lowered for hint in _TLS_HINTS):
+            raise UserError(
+                f"TLS handshake with etcd at {url} failed ({detail.splitlines()[0][:200]}); "
+                "check --etcd-cafile, --etcd-certfile and --etcd-keyfile"
+            ) from error
+
+    def _call(self, what: str, fn: Callable[[etcd3.Etcd3Client], T]) -> T:
+        """Run *fn* on the current member, failing over to the others on connection errors.
+
+        When every member answered "no leader" / "leader changed" (an election is under way),
+        wait a moment and go round once more before giving up with ``StoreUnavailable``.
+        """
+        count = len(self._endpoints)
+        failures: list[str] = []
+        for round_ in range(ELECTION_ROUNDS):
+            if round_:
+                time.sleep(ELECTION_PAUSE)
+            failures = []
+            start = self._current
+            for step in range(count):
+                index = (start + step) % count
+                ok, result, failure = self._call_member(what, fn, index)
+                if ok:
+                    if index != self._current:
+                        log.info("etcd: now using %s", self._endpoints[index].url)
+                        self._current = index
+                    return result  # type: ignore[return-value]
+                failures.append(failure)
+                log.debug("etcd %s failed at %s: %s", what, self._endpoints[index].url, failure)
+            self._current = (start + 1) % count
+            if not all("leader" in failure for failure in failures):
+                break
+        raise StoreUnavailable(f"etcd unreachable ({what}): {'; '.join(failures)}")
+
+    def _call_member(self, what: str, fn: Callable[[etcd3.Etcd3Client], T], index: int) -> tuple[bool, T | None, str]:
+        """(True, result, "") or (False, None, why this member failed)."""
+        url = self._endpoints[index].url
+        for attempt in range(2):  # a second try only after re-authenticating
+            try:
+                return True, fn(self._client(index)), ""
+            except _Unavailable as exc:
+                return False, None, str(exc)
+            except (HistoryGone, LeaseLost, UserError, StoreUnavailable):
+                raise
+            except Exception as exc:
+                error = _rpc_error(exc)
+                if error is None:
+                    raise
+                self._raise_permanent(error, url)
+                detail = _details(error)
+                if error.code() is grpc.StatusCode.UNAUTHENTICATED and attempt == 0:
+                    log.info("etcd auth token at %s expired; authenticating again", url)
+                    self._drop(index)
+                    continue
+                if error.code() not in _CONNECTION_CODES:
+                    raise StoreUnavailable(f"etcd {what} failed at {url}: {detail}") from exc
+                return False, None, f"{url}: {detail}"
+        return False, None, f"{url}: authentication keeps failing"
+
+    # -- small helpers ------------------------------------------------------------------------
+
+    def _key_for(self, lease: Lease) -> str:
+        directory = self._v4_dir if lease.subnet is not None else self._v6_dir
+        return directory + lease.key
+
+    def _get(self, key: str) -> tuple[_KV | None, int]:
+        def get(client: etcd3.Etcd3Client) -> tuple[_KV | None, int]:
+            response = client.kvstub.Range(
+                etcdrpc.RangeRequest(key=key.encode()), REQUEST_TIMEOUT, metadata=client.metadata
+            )
+            kvs = [_KV(kv.key.decode(errors="replace"), kv.value, kv.lease, kv.mod_revision) for kv in response.kvs]
+            return (kvs[0] if kvs else None), int(response.header.revision)
+
+        return self._call("get", get)
+
+    def _txn(self, compare: Sequence[Any], success: Sequence[Any], what: str) -> tuple[bool, int]:
+        def txn(client: etcd3.Etcd3Client) -> tuple[bool, int]:
+            request = etcdrpc.TxnRequest(
+                compare=[c.build_message() for c in compare],
+                success=client._ops_to_requests(list(success)),
+                failure=[],
+            )
+            response = client.kvstub.Txn(request, REQUEST_TIMEOUT, metadata=client.metadata)
+            return bool(response.succeeded), int(response.header.revision)
+
+        return self._call(what, txn)
+
+    def _grant(self) -> tuple[int, datetime]:
+        ttl = max(1, round(self.lease_ttl.total_seconds()))
+        before = time.time()
+
+        def grant(client: etcd3.Etcd3Client) -> tuple[int, int]:
+            response = client.leasestub.LeaseGrant(
+                etcdrpc.LeaseGrantRequest(TTL=ttl), REQUEST_TIMEOUT, metadata=client.metadata
+            )
+            if response.error:
+                raise StoreUnavailable(f"etcd refused a lease: {response.error}")
+            return int(response.ID), int(response.TTL)
+
+        lease_id, granted = self._call("lease grant", grant)
+        expires = before + granted
+        with self._lock:
+            self._expiry[lease_id] = (expires, time.monotonic())
+        return lease_id, datetime.fromtimestamp(expires, UTC)
+
+    def _revoke(self, lease_id: int) -> None:
+        def revoke(client: etcd3.Etcd3Client) -> None:
+            client.leasestub.LeaseRevoke(
+                etcdrpc.LeaseRevokeRequest(ID=lease_id), REQUEST_TIMEOUT, metadata=client.metadata
+            )
+
+        try:
+            self._call("lease revoke", revoke)
+        except StoreUnavailable as exc:  # it runs out by itself; it owns no key
+            log.debug("could not revoke unused etcd lease %x: %s", lease_id, exc)
+        with self._lock:
+            self._expiry.pop(lease_id, None)
+
+    def _remaining(self, lease_ids: Sequence[int], fresh: bool = False) -> dict[int, float | None]:
+        """Expiry (epoch seconds) of each etcd lease; None when the lease no longer exists."""
+        now_mono = time.monotonic()
+        out: dict[int, float | None] = {}
+        missing: list[int] = []
+        with self._lock:
+            for lease_id in set(lease_ids):
+                cached = None if fresh else self._expiry.get(lease_id)
+                if cached is not None and now_mono - cached[1] < EXPIRY_CACHE_SECONDS:
+                    out[lease_id] = cached[0]
+                else:
+                    missing.append(lease_id)
+        if not missing:
+            return out
+
+        def ask(client: etcd3.Etcd3Client) -> dict[int, int]:
+            futures = [
+                (
+                    lease_id,
+                    client.leasestub.LeaseTimeToLive.future(
+                        etcdrpc.LeaseTimeToLiveRequest(ID=lease_id), REQUEST_TIMEOUT, metadata=client.metadata
+                    ),
+                )
+                for lease_id in missing
+            ]
+            return {lease_id: int(future.result().TTL) for lease_id, future in futures}
+
+        before = time.time()
+        ttls = self._call("lease time-to-live", ask)
+        with self._lock:
+            if len(self._expiry) > 100_000:
+                self._expiry.clear()
+            for lease_id, ttl in ttls.items():
+                if ttl < 0:
+                    out[lease_id] = None
+                    self._expiry.pop(lease_id, None)
+                else:
+                    out[lease_id] = before + ttl
+                    self._expiry[lease_id] = (before + ttl, now_mono)
+        return out
+
+    def _to_lease(self, kv: _KV, expires: float | None, revision: int) -> Lease:
+        directory = self._v4_dir if kv.key.startswith(self._v4_dir) else self._v6_dir
+        name = kv.key[len(directory) :]
+        if "/" in name or not name:
+            raise GarbledLease(f"unexpected key {kv.key!r} under {directory}")
+        expiration = None if expires is None else datetime.fromtimestamp(expires, UTC)
+        return parse_lease(name, kv.value, expiration=expiration, revision=revision, ipv6=directory == self._v6_dir)
+
+    def _owner(self, kv: _KV) -> IPv4Address | None:
+        try:
+            return LeaseAttrs.from_json(kv.value).public_ip
+        except GarbledLease:
+            return None
+
+    # -- config -------------------------------------------------------------------------------
+
+    def get_config(self) -> str | None:
+        kv, _ = self._get(self._config_key)
+        return None if kv is None else kv.value.decode(errors="replace")
+
+    def put_config(self, text: str, *, only_if_absent: bool = False) -> bool:
+        txn = etcd3.Transactions()
+        compare = [txn.version(self._config_key) == 0] if only_if_absent else []
+        succeeded, _ = self._txn(compare, [txn.put(self._config_key, text)], "put config")
+        return succeeded
+
+    # -- leases -------------------------------------------------------------------------------
+
+    def list_leases(self) -> LeaseList:
+        def read(client: etcd3.Etcd3Client) -> tuple[list[_KV], int]:
+            ops = [
+                etcdrpc.RequestOp(
+                    request_range=etcdrpc.RangeRequest(
+                        key=directory.encode(), range_end=_prefix_end(directory.encode())
+                    )
+                )
+                for directory in (self._v4_dir, self._v6_dir)
+            ]
+            response = client.kvstub.Txn(etcdrpc.TxnRequest(success=ops), REQUEST_TIMEOUT, metadata=client.metadata)
+            kvs = [
+                _KV(kv.key.decode(errors="replace"), kv.value, kv.lease, kv.mod_revision)
+                for op in response.responses
+                for kv in op.response_range.kvs
+            ]
+            return kvs, int(response.header.revision)
+
+        kvs, revision = self._call("list leases", read)
+        expiries = self._remaining([kv.lease_id for kv in kvs if kv.lease_id])
+        leases = []
+        for kv in kvs:
+            expires = expiries.get(kv.lease_id) if kv.lease_id else None
+            if kv.lease_id and expires is None:
+                continue  # its etcd lease just ran out; etcd deletes the key any moment
+            try:
+                leases.append(self._to_lease(kv, expires, kv.mod_revision))
+            except GarbledLease as exc:
+                log.warning("etcd store: skipping garbled lease %s: %s", kv.key, exc)
+        return LeaseList(tuple(leases), revision)
+
+    def create_lease(self, lease: Lease) -> Lease | None:
+        key = self._key_for(lease)
+        value = lease.attrs.to_json()
+        lease_id, expiration = self._grant()
+        txn = etcd3.Transactions()
+        try:
+            created, revision = self._txn(
+                [txn.version(key) == 0], [txn.put(key, value, lease=lease_id)], "create lease"
+            )
+        except BaseException:
+            self._revoke(lease_id)
+            raise
+        if not created:
+            self._revoke(lease_id)
+            return None
+        return attrs.evolve(lease, expiration=expiration, revision=revision)
+
+    def update_lease(self, lease: Lease, attrs: LeaseAttrs) -> Lease:
+        key = self._key_for(lease)
+        value = attrs.to_json()
+        txn = etcd3.Transactions()
+        for _ in range(CAS_ATTEMPTS):
+            kv, _ = self._get(key)
+            if kv is None:
+                raise LeaseLost(f"lease {lease.key} no longer exists in etcd")
+            owner = self._owner(kv)
+            if owner != attrs.public_ip:
+                raise LeaseLost(f"lease {lease.key} now belongs to {owner or 'an unreadable value'}")
+            if kv.lease_id == 0:  # a reservation stays a reservation
+                lease_id, expiration = 0, None
+            else:
+                lease_id, expiration = self._grant()
+            try:
+                done, revision = self._txn(
+                    [txn.mod(key) == kv.mod_revision],
+                    [txn.put(key, value, lease=lease_id or None)],
+                    "update lease",
+                )
+            except BaseException:
+                if lease_id:
+                    self._revoke(lease_id)
+                raise
+            if done:
+                return Lease(lease.subnet, attrs, expiration, ipv6_subnet=lease.ipv6_subnet, revision=revision)
+            if lease_id:
+                self._revoke(lease_id)
+        raise StoreUnavailable(f"lease {lease.key} kept changing under us; try again")
+
+    def delete_lease(self, lease: Lease) -> None:
+        # The etcd lease is deliberately not revoked: that would make the delete look like an
+        # expiry to watchers.  It owns no key now and runs out by itself.
+        self._delete_if(self._key_for(lease), lambda kv: self._owner(kv) in (lease.attrs.public_ip, None))
+
+    def _delete_if(self, key: str, allowed: Callable[[_KV], bool]) -> None:
+        txn = etcd3.Transactions()
+        for _ in range(CAS_ATTEMPTS):
+            kv, _ = self._get(key)
+            if kv is None:
+                return
+            if not allowed(kv):
+                log.info("not deleting %s: it now holds someone else's lease", key)
+                return
+            done, _ = self._txn([txn.mod(key) == kv.mod_revision], [txn.delete(key)], "delete lease")
+            if done:
+                return
+        raise StoreUnavailable(f"{key} kept changing under us; try again")
+
+    def reserve(self, subnet: IPv4Network, public_ip: IPv4Address) -> Lease:
+        key = self._v4_dir + subnet_to_key(subnet)
+        txn = etcd3.Transactions()
+        for _ in range(CAS_ATTEMPTS):
+            kv, _ = self._get(key)
+            if kv is None:
+                value = LeaseAttrs(public_ip=public_ip, backend_type="").to_json()
+                compare = [txn.version(key) == 0]
+            else:
+                try:
+                    current = LeaseAttrs.from_json(kv.value)
+                except GarbledLease as exc:
+                    raise UserError(f"subnet {subnet} holds an unreadable value ({exc}); delete {key} first") from exc
+                if current.public_ip != public_ip:
+                    raise UserError(
+                        f"subnet {subnet} is leased by {current.public_ip}; "
+                        "release that lease first or reserve another subnet"
+                    )
+                value = current.to_json()
+                compare = [txn.mod(key) == kv.mod_revision]
+            done, revision = self._txn(compare, [txn.put(key, value)], "reserve")
+            if done:
+                return parse_lease(subnet_to_key(subnet), value, expiration=None, revision=revision)
+        raise StoreUnavailable(f"{key} kept changing under us; try again")
+
+    def unreserve(self, subnet: IPv4Network) -> None:
+        self._delete_if(self._v4_dir + subnet_to_key(subnet), lambda kv: kv.lease_id == 0)
+
+    # -- watching -----------------------------------------------------------------------------
+
+    def wait_for_events(self, since_revision: int, timeout: float) -> WatchResult:
+        return self._call("watch", lambda client: self._watch_once(client, since_revision, timeout))
+
+    def _watch_once(self, client: etcd3.Etcd3Client, since_revision: int, timeout: float) -> WatchResult:
+        url = str(client._url)
+        prefix = (self._prefix + "/").encode()
+        create = etcdrpc.WatchCreateRequest(
+            key=prefix, range_end=_prefix_end(prefix), start_revision=since_revision + 1, prev_kv=True
+        )
+        finished = threading.Event()
+
+        def requests() -> Iterator[Any]:
+            yield etcdrpc.WatchRequest(create_request=create)
+            finished.wait()  # keep the stream open (no half-close) until we are done
+
+        created = threading.Event()
+        timed_out = threading.Event()
+        call = etcdrpc.WatchStub(client.channel).Watch(
+            requests(), max(timeout, WATCH_CREATE_TIMEOUT), metadata=client.metadata
+        )
+
+        def expire() -> None:
+            timed_out.set()
+            if created.is_set():
+                call.cancel()
+
+        timer = threading.Timer(max(timeout, 0.0), expire)
+        timer.daemon = True
+        timer.start()
+        revision = since_revision
+        try:
+            for response in call:
+                if response.compact_revision:
+                    raise HistoryGone(
+                        f"etcd compacted its history up to revision {response.compact_revision}, past {since_revision}"
+                    )
+                if response.canceled:
+                    reason = response.cancel_reason or "canceled by the server"
+                    if "permission denied" in reason:
+                        raise UserError(f"etcd at {url} denied watching {self._prefix}: {reason}")
+                    raise _Unavailable(url, f"watch {reason}")
+                if response.created:
+                    created.set()
+                    if timed_out.is_set():
+                        break
+                if not response.events:
+                    continue
+                events = self._convert(response.events)
+                revision = max(revision, max(int(event.kv.mod_revision) for event in response.events))
+                if events:
+                    return WatchResult(tuple(events), revision)
+        except grpc.RpcError as exc:
+            code = exc.code()
+            if created.is_set() and code in (grpc.StatusCode.CANCELLED, grpc.StatusCode.DEADLINE_EXCEEDED):
+                return WatchResult((), revision)
+            if code is grpc.StatusCode.DEADLINE_EXCEEDED:
+                raise _Unavailable(url, f"no answer to a watch within {WATCH_CREATE_TIMEOUT}s") from exc
+            raise
+        finally:
+            timer.cancel()
+            finished.set()
+            call.cancel()
+        if not created.is_set():
+            raise _Unavailable(url, "watch stream ended before it was created")
+        return WatchResult((), revision)
+
+    def _convert(self, raw_events: Sequence[Any]) -> list[LeaseEvent]:
+        """etcd watch events -> lease events; garbled keys and values are skipped."""
+        puts = [e.kv.lease for e in raw_events if e.type == _PUT and e.kv.lease]
+        gone = [e.prev_kv.lease for e in raw_events if e.type == _DELETE and e.prev_kv.lease]
+        expiries = self._remaining(puts) if puts else {}
+        alive = self._remaining(gone, fresh=True) if gone else {}
+        events: list[LeaseEvent] = []
+        for event in raw_events:
+            key = event.kv.key.decode(errors="replace")
+            if not (key.startswith(self._v4_dir) or key.startswith(self._v6_dir)):
+                continue
+            try:
+                subnet = key_to_subnet(key)
+            except GarbledLease as exc:
+                log.warning("etcd store: skipping event for garbled key %s: %s", key, exc)
+                continue
+            revision = int(event.kv.mod_revision)
+            if event.type == _PUT:
+                kv = _KV(key, event.kv.value, event.kv.lease, revision)
+                expires = expiries.get(kv.lease_id) if kv.lease_id else None
+                try:
+                    lease = self._to_lease(kv, expires, revision)
+                except GarbledLease as exc:
+                    log.warning("etcd store: skipping garbled lease %s: %s", key, exc)
+                    continue
+                if kv.lease_id and expires is None:
+                    continue  # written with an etcd lease that has already run out
+                events.append(LeaseEvent(EventKind.ADDED, subnet, lease, revision))
+                continue
+            previous: Lease | None = None
+            prev = event.prev_kv
+            if prev.key:
+                try:
+                    previous = self._to_lease(_KV(key, prev.value, prev.lease, int(prev.mod_revision)), None, revision)
+                except GarbledLease:
+                    previous = None
+            expired = bool(prev.lease) and alive.get(prev.lease) is None
+            kind = EventKind.EXPIRED if expired else EventKind.REMOVED
+            events.append(LeaseEvent(kind, subnet, previous, revision))
+        return events
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            clients = list(self._clients.values())
+            self._clients.clear()
+        for client in clients:
+            client.close()
