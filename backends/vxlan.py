@@ -224,6 +224,7 @@ class VxlanNetwork(Network):
         spec: DeviceSpec,
         mac: MacAddress,
         connected: frozenset[IPv4Network],
+        created: bool = False,
     ) -> None:
         self.settings = settings
         self.host = host
@@ -231,6 +232,10 @@ class VxlanNetwork(Network):
         self.mac = mac
         self.connected = connected
         self.lease: Lease | None = None
+        #: True when ``prepare`` created (or recreated) the device, False when it kept one.
+        self.created = created
+        #: Over an IPv6 underlay (the VTEP's local address is IPv6) peers are reached at PublicIPv6.
+        self.underlay_v6 = spec.local.version == 6
 
     @property
     def device(self) -> str:
@@ -274,8 +279,8 @@ class VxlanNetwork(Network):
     def check_peer(self, lease: Lease) -> None:
         if lease.subnet is None:
             raise GarbledLease(f"lease {lease.key} has no IPv4 subnet; vxlan cannot route to it")
-        if lease.attrs.public_ip is None:
-            raise GarbledLease(f"lease {lease.key} has no PublicIP")
+        if self._underlay_ip(lease) is None:
+            raise GarbledLease(f"lease {lease.key} has no {'PublicIPv6' if self.underlay_v6 else 'PublicIP'}")
         data = lease.attrs.backend_data or {}
         raw_mac = data.get("VtepMAC")
         try:
@@ -288,8 +293,15 @@ class VxlanNetwork(Network):
         if isinstance(vni, bool) or not isinstance(vni, int) or vni != self.settings.vni:
             raise GarbledLease(f"lease {lease.key}: BackendData VNI {vni!r} does not match ours ({self.settings.vni})")
 
-    def _direct(self, public_ip: IPv4Address) -> bool:
-        return self.settings.direct_routing and any(public_ip in net for net in self.connected)
+    def _underlay_ip(self, lease: Lease) -> IPv4Address | IPv6Address | None:
+        return lease.attrs.public_ipv6 if self.underlay_v6 else lease.attrs.public_ip
+
+    def _direct(self, public_ip: IPv4Address | IPv6Address) -> bool:
+        return (
+            self.settings.direct_routing
+            and isinstance(public_ip, IPv4Address)
+            and any(public_ip in net for net in self.connected)
+        )
 
     def desired_state(self, own: Lease, peers: Sequence[Lease]) -> frozenset[Any]:
         out: dict[Any, Any] = {}
@@ -300,7 +312,7 @@ class VxlanNetwork(Network):
                 self.check_peer(lease)
             except GarbledLease:
                 continue  # never program what cannot be justified; the reconciler reports it
-            subnet, public_ip = lease.subnet, lease.attrs.public_ip
+            subnet, public_ip = lease.subnet, self._underlay_ip(lease)
             assert subnet is not None and public_ip is not None
             if self._direct(public_ip):
                 objs: list[Any] = [Route(dst=subnet, gateway=public_ip, dev=self.host.iface)]
@@ -375,6 +387,7 @@ class VxlanBackend(Backend):
             raise ConfigError(f"vxlan: {exc}") from exc
         with netlink.iproute() as ipr:
             link = netlink.get_link(ipr, spec.name)
+            created = False
             if link is not None:
                 why = spec.incompatibility(link)
                 if why is None:
@@ -385,6 +398,7 @@ class VxlanBackend(Backend):
                     link = None
             if link is None:
                 spec.create(ipr, wanted or derived_mac(spec.vni, local))
+                created = True
                 link = netlink.get_link(ipr, spec.name)
                 if link is None:
                     raise KernelError(f"VXLAN device {spec.name} vanished right after it was created")
@@ -392,4 +406,4 @@ class VxlanBackend(Backend):
             if link.mac is None:
                 raise KernelError(f"VXLAN device {spec.name} has no MAC address")
             connected = netlink.connected_networks(ipr, host.iface_index)
-        return VxlanNetwork(settings, host, spec, link.mac, connected)
+        return VxlanNetwork(settings, host, spec, link.mac, connected, created)

@@ -9,7 +9,7 @@ state is read back with ``ip -j`` / ``bridge -j`` inside the namespace, not thro
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Address
 from typing import Any
 
 import attrs
@@ -121,6 +121,21 @@ def test_settings_config_keys_win_over_options() -> None:
         with pytest.raises(ConfigError):
             VxlanSettings.resolve(VxlanOptions(), bad)
     assert VxlanOptions(gbp="true", vni="3").gbp is True  # type: ignore[arg-type]
+
+
+def test_plan_over_an_ipv6_underlay_uses_public_ipv6() -> None:
+    from overlayd.backends.vxlan import DeviceSpec, vxlan_mtu
+
+    local6 = IPv6Address("2001:db8::1")
+    settings = VxlanSettings(vni=1, port=8472, mtu=0, gbp=False, direct_routing=True)
+    host = HostInfo("eth0", 2, 1500, None, public_ipv6=local6)
+    spec = DeviceSpec("flannel.1", 1, local6, 2, 8472, False, vxlan_mtu(1500, ipv6_underlay=True))
+    net = VxlanNetwork(settings, host, spec, MacAddress.parse("0a:00:00:00:00:0a"), frozenset())
+    assert net.mtu == 1430
+    peer = attrs.evolve(PEER_B, attrs=attrs.evolve(PEER_B.attrs, public_ipv6=IPv6Address("2001:db8::2")))
+    assert FdbEntry(MAC_B, IPv6Address("2001:db8::2"), "flannel.1") in net.desired_state(OWN, [peer])
+    with pytest.raises(GarbledLease, match="PublicIPv6"):
+        net.check_peer(PEER_B)
 
 
 def test_derived_mac_is_stable_unicast_and_local() -> None:
@@ -325,6 +340,7 @@ def test_compatible_device_kept_with_its_mac(host: Host) -> None:
     first = prepare(host)
     index = device(host.ns)["ifindex"]
     again = prepare(host, mac="0a:00:00:00:00:99")  # a preferred MAC only applies on creation
+    assert first.created and not again.created
     assert again.backend_data == first.backend_data
     assert device(host.ns)["ifindex"] == index
 
@@ -332,6 +348,7 @@ def test_compatible_device_kept_with_its_mac(host: Host) -> None:
 @pytest.mark.root
 def test_preferred_mac_used_on_creation(host: Host) -> None:
     net = prepare(host, mac="0A:00:00:00:00:99")
+    assert net.created
     assert device(host.ns)["address"] == "0a:00:00:00:00:99" == net.backend_data["VtepMAC"]
 
 
