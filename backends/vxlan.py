@@ -314,6 +314,8 @@ class VxlanNetwork(Network):
                 continue  # never program what cannot be justified; the reconciler reports it
             subnet, public_ip = lease.subnet, self._underlay_ip(lease)
             assert subnet is not None and public_ip is not None
+            if public_ip in (self.spec.local, self.host.public_ip, self.host.public_ipv6):
+                continue  # a stale lease of this very host: tunnelling to ourselves would loop
             if self._direct(public_ip):
                 objs: list[Any] = [Route(dst=subnet, gateway=public_ip, dev=self.host.iface)]
             else:

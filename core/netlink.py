@@ -231,8 +231,9 @@ def _link_from_msg(msg: Any) -> Link:
     info = msg.get("linkinfo")
     kind = info.get("kind") if info is not None else None
     data: dict[str, Any] = {}
-    if info is not None and info.get("data") is not None:
-        for name, value in info.get("data")["attrs"]:
+    raw = info.get("data") if info is not None else None
+    if isinstance(raw, dict):  # pyroute2 leaves the data of kinds it cannot decode as a string
+        for name, value in raw.get("attrs", ()):
             if name.startswith("IFLA_"):
                 data[name] = value
     mac = msg.get("address")
@@ -362,7 +363,7 @@ def read_neighbours(ipr: IPRoute, dev: str, family: int = socket.AF_INET) -> fro
         return frozenset()
     out: set[Neighbour] = set()
     for msg in ipr.neigh("dump", ifindex=link.index, family=family):
-        if msg.get("ifindex") != link.index or not msg["state"] & NUD_PERMANENT:
+        if msg.get("ifindex") != link.index or msg["family"] != family or not msg["state"] & NUD_PERMANENT:
             continue
         lladdr, dst = msg.get("lladdr"), msg.get("dst")
         if not lladdr or not dst:

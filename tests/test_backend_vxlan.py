@@ -67,7 +67,8 @@ def offline_network(direct_routing: bool = False, vni: int = 1) -> VxlanNetwork:
 def test_plan_desired_state_and_second_pass_empty() -> None:
     net = offline_network()
     garbled = lease("10.44.9.0/24", "192.0.2.9", mac="not-a-mac")
-    desired = net.desired_state(OWN, [OWN, PEER_B, PEER_C, garbled])
+    stale_own = lease("10.44.8.0/24", "192.0.2.1", mac="0a:00:00:00:00:0a")
+    desired = net.desired_state(OWN, [OWN, PEER_B, PEER_C, garbled, stale_own])
     assert desired == {
         Neighbour(IPv4Address("10.44.2.0"), MAC_B, "flannel.1"),
         FdbEntry(MAC_B, IPv4Address("192.0.2.2"), "flannel.1"),
@@ -157,6 +158,10 @@ class Host:
 @pytest.fixture
 def host(netns_factory: Callable[..., str]) -> Host:
     ns, peer = netns_factory("h"), netns_factory("p")
+    probe = run(ns, "ip", "link", "add", "probe0", "type", "vxlan", "id", "1", "dstport", "0", check=False)
+    if probe.returncode != 0:
+        pytest.skip(f"this kernel cannot make VXLAN devices: {probe.stderr.strip()}")
+    run(ns, "ip", "link", "del", "probe0")
     veth(ns, "eth0", peer, "eth0", "192.0.2.1/24", "192.0.2.2/24")
     index = ip_json(ns, "link", "show", "eth0")[0]["ifindex"]
     ip = IPv4Address("192.0.2.1")
@@ -353,9 +358,17 @@ def test_preferred_mac_used_on_creation(host: Host) -> None:
 
 
 @pytest.mark.root
-def test_incompatible_device_replaced(host: Host) -> None:
-    run(host.ns, "ip", "link", "add", "flannel.1", "type", "vxlan", "id", "9", "dstport", "4789", "dev", "eth0")
-    prepare(host)
+@pytest.mark.parametrize(
+    "existing",
+    [
+        ("type", "vxlan", "id", "9", "dstport", "4789", "dev", "eth0"),
+        ("type", "vxlan", "id", "1", "dstport", "8472", "dev", "eth0", "local", "192.0.2.1"),  # learning on
+        ("type", "bridge"),
+    ],
+)
+def test_incompatible_device_replaced(host: Host, existing: tuple[str, ...]) -> None:
+    run(host.ns, "ip", "link", "add", "flannel.1", *existing)
+    assert prepare(host).created
     data = device(host.ns)["linkinfo"]["info_data"]
     assert (data["id"], data["port"], data["local"], data["learning"]) == (1, 8472, "192.0.2.1", False)
 
