@@ -20,8 +20,9 @@ Design notes:
 * Deletes are told apart by the etcd lease of the deleted key (``prev_kv``): when that lease
   no longer exists the key went because its TTL ran out (``EXPIRED``); when it still exists the
   key was deleted (``REMOVED``).  For that reason ``delete_lease`` never revokes the etcd lease
-  and a renewal grants a new one (as flannel does): orphaned etcd leases own no key and simply
-  run out.
+  (it owns no key any more and simply runs out).  A renewal grants a new etcd lease, as flannel
+  does, and revokes the replaced one once no key uses it.  A failed write never revokes the
+  lease it granted: the write may have been applied, and the revoke would delete the key.
 * Every write is a transaction guarded on the key: version 0 to create; the mod revision that
   was read (after checking the PublicIP) to update, reserve or delete.  Nobody's lease is ever
   overwritten.  A key without an etcd lease is a reservation and stays one when updated.
@@ -109,7 +110,9 @@ _CONNECTION_CODES = {
     grpc.StatusCode.INTERNAL,
     grpc.StatusCode.RESOURCE_EXHAUSTED,
 }
-_TLS_HINTS = ("ssl", "tls", "handshake", "certificate", "x509")
+# Failure texts of a TLS setup mistake (unknown CA, rejected client cert), as opposed to a
+# connection that dropped mid-handshake, which stays a transient StoreUnavailable.
+_TLS_HINTS = ("certificate", "x509", "ssl_error_ssl", "tsi_data_corrupted", "wrong_version_number", "alert")
 
 
 @attrs.frozen
@@ -122,7 +125,8 @@ class EtcdOptions:
     certfile: str = option("", "client certificate (PEM) for etcd client-certificate auth")
     keyfile: str = option("", "private key (PEM) of the client certificate")
     username: str = option("", "etcd user name (etcd auth)")
-    password: str = option("", "password of the etcd user", secret=True)
+    # option() with repr=False, so a logged Options object never shows it
+    password: str = attrs.field(default="", repr=False, metadata={"help": "password of the etcd user", "secret": True})
     ttl: timedelta = option(timedelta(hours=24), "lease lifetime in seconds", converter=seconds)
     renew_margin: timedelta = option(
         timedelta(hours=1), "renew a lease when less than this many seconds are left", converter=seconds
@@ -437,6 +441,23 @@ class EtcdStore(Store):
         with self._lock:
             self._expiry.pop(lease_id, None)
 
+    def _revoke_if_unused(self, lease_id: int) -> None:
+        """Revoke the etcd lease a renewal replaced, unless another key still uses it."""
+
+        def keys(client: etcd3.Etcd3Client) -> int:
+            response = client.leasestub.LeaseTimeToLive(
+                etcdrpc.LeaseTimeToLiveRequest(ID=lease_id, keys=True), REQUEST_TIMEOUT, metadata=client.metadata
+            )
+            return -1 if response.TTL < 0 else len(response.keys)
+
+        try:
+            attached = self._call("lease time-to-live", keys)
+        except StoreUnavailable as exc:
+            log.debug("could not check replaced etcd lease %x: %s", lease_id, exc)
+            return
+        if attached == 0:
+            self._revoke(lease_id)
+
     def _remaining(self, lease_ids: Sequence[int], fresh: bool = False) -> dict[int, float | None]:
         """Expiry (epoch seconds) of each etcd lease; None when the lease no longer exists."""
         now_mono = time.monotonic()
@@ -542,13 +563,8 @@ class EtcdStore(Store):
         value = lease.attrs.to_json()
         lease_id, expiration = self._grant()
         txn = etcd3.Transactions()
-        try:
-            created, revision = self._txn(
-                [txn.version(key) == 0], [txn.put(key, value, lease=lease_id)], "create lease"
-            )
-        except BaseException:
-            self._revoke(lease_id)
-            raise
+        # No revoke when the call fails: it may have been applied, and revoking would delete the key.
+        created, revision = self._txn([txn.version(key) == 0], [txn.put(key, value, lease=lease_id)], "create lease")
         if not created:
             self._revoke(lease_id)
             return None
@@ -569,17 +585,14 @@ class EtcdStore(Store):
                 lease_id, expiration = 0, None
             else:
                 lease_id, expiration = self._grant()
-            try:
-                done, revision = self._txn(
-                    [txn.mod(key) == kv.mod_revision],
-                    [txn.put(key, value, lease=lease_id or None)],
-                    "update lease",
-                )
-            except BaseException:
-                if lease_id:
-                    self._revoke(lease_id)
-                raise
+            done, revision = self._txn(
+                [txn.mod(key) == kv.mod_revision],
+                [txn.put(key, value, lease=lease_id or None)],
+                "update lease",
+            )
             if done:
+                if kv.lease_id:
+                    self._revoke_if_unused(kv.lease_id)
                 return Lease(lease.subnet, attrs, expiration, ipv6_subnet=lease.ipv6_subnet, revision=revision)
             if lease_id:
                 self._revoke(lease_id)

@@ -13,15 +13,16 @@ import threading
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Network
 from pathlib import Path
 from typing import Any
 
+import attrs
 import pytest
 from overlayd import open_store
-from overlayd.errors import HistoryGone, StoreUnavailable, UserError
-from overlayd.model import EventKind, LeaseEvent, LeaseList
-from overlayd.plugin import Store
+from overlayd.errors import HistoryGone, LeaseLost, StoreUnavailable, UserError
+from overlayd.model import EventKind, Lease, LeaseEvent, LeaseList
+from overlayd.stores.etcd import EtcdOptions
 from overlayd.testing import StoreContract, StoreSpec
 from overlayd.testing.etcd import EtcdCluster, EtcdServer, make_tls
 from overlayd.testing.store_contract import NETWORK, attrs_for
@@ -185,8 +186,6 @@ def test_list_of_1000_leases_is_fast(etcd: EtcdServer, prefix: str) -> None:
         for block in range(4):
 
             def create(block: int = block) -> None:
-                from overlayd.model import Lease
-
                 for i in range(250):
                     n = block * 250 + i
                     subnet = IPv4Network(f"10.{100 + n // 256}.{n % 256}.0/24")
@@ -361,19 +360,26 @@ def test_tls_with_client_certificates(tmp_path: Path) -> None:
             "keyfile": str(other.client_key),
         }
         bad = open_store("etcd", **wrong_cert)
-        with pytest.raises((UserError, StoreUnavailable)):
+        with pytest.raises(UserError, match="--etcd-certfile"):
+            bad.list_leases()
+        bad.close()
+        no_cert = {**server.store_options("/tls/network"), "certfile": "", "keyfile": ""}
+        bad = open_store("etcd", **no_cert)
+        with pytest.raises(UserError, match="TLS handshake"):
             bad.list_leases()
         bad.close()
 
 
-def test_username_and_password_auth(etcd: EtcdServer) -> None:
-    with EtcdServer() as server:
+def test_username_and_password_auth() -> None:
+    with EtcdServer(extra_args=["--auth-token-ttl=1"]) as server:
         server.enable_auth("s3cret")
         store = open_store("etcd", **server.store_options("/auth/network"))
         try:
             lease = store.acquire_lease(NETWORK, attrs_for("192.0.2.1"))
             assert store.renew_lease(lease).subnet == lease.subnet
             assert store.wait_for_events(0, 0.5).events
+            time.sleep(2.5)  # the auth token expires; the store authenticates again
+            assert [x.subnet for x in store.list_leases().leases] == [lease.subnet]
         finally:
             store.close()
         bad = open_store("etcd", endpoints=server.endpoint, username="root", password="wrong")
@@ -387,14 +393,44 @@ def test_username_and_password_auth(etcd: EtcdServer) -> None:
 
 
 def test_password_is_secret_and_not_in_repr(etcd: EtcdServer) -> None:
-    import attrs
-
-    from overlayd.stores.etcd import EtcdOptions
-
     assert attrs.fields(EtcdOptions).password.metadata["secret"] is True
     store = open_store("etcd", endpoints=etcd.endpoint, username="u", password="hunter2")
-    assert "hunter2" not in repr(store)
+    assert "hunter2" not in repr(store) and "hunter2" not in repr(store.options)
     store.close()
+
+
+def test_ipv6_leases_live_under_v6_subnets(etcd: EtcdServer, prefix: str) -> None:
+    store = open_store("etcd", **etcd.store_options(prefix))
+    try:
+        since = store.list_leases().revision
+        subnet = IPv6Network("fd00:10:244:3::/64")
+        lease = store.create_lease(Lease(None, attrs_for("192.0.2.1"), None, ipv6_subnet=subnet))
+        assert lease is not None and lease.expiration is not None
+        assert etcd.etcdctl("get", f"{prefix}/v6-subnets/fd00:10:244:3::-64", "--keys-only").strip()
+        [listed] = store.list_leases().leases
+        assert listed.ipv6_subnet == subnet and listed.subnet is None
+        [added] = store.wait_for_events(since, 2.0).events
+        assert added.kind is EventKind.ADDED and added.subnet == subnet
+        assert store.update_lease(lease, lease.attrs).ipv6_subnet == subnet
+        store.delete_lease(lease)
+        assert store.list_leases().leases == ()
+    finally:
+        store.close()
+
+
+def test_watch_skips_garbled_values(etcd: EtcdServer, prefix: str) -> None:
+    store = open_store("etcd", **etcd.store_options(prefix))
+    try:
+        since = store.list_leases().revision
+        etcd.etcdctl("put", f"{prefix}/subnets/10.244.200.0-24", "{not json")
+        etcd.etcdctl("put", f"{prefix}/subnets/nonsense", "{}")
+        etcd.etcdctl("put", f"{prefix}/config", "{}")
+        lease = store.acquire_lease(NETWORK, attrs_for("192.0.2.1"))
+        result = store.wait_for_events(since, 2.0)
+        assert [(e.kind, e.subnet) for e in result.events] == [(EventKind.ADDED, lease.subnet)]
+        assert result.revision == lease.revision
+    finally:
+        store.close()
 
 
 def test_update_never_steals_and_reservations_stay(etcd: EtcdServer, prefix: str) -> None:
@@ -403,10 +439,7 @@ def test_update_never_steals_and_reservations_stay(etcd: EtcdServer, prefix: str
         subnet = IPv4Network("10.244.5.0/24")
         reserved = store.reserve(subnet, IPv4Address("192.0.2.5"))
         assert reserved.is_reservation
-        from overlayd.errors import LeaseLost
-        from overlayd.model import Lease
-
-        with pytest.raises(LeaseLost, match="192.0.2.5"):
+        with pytest.raises(LeaseLost, match=r"192\.0\.2\.5"):
             store.update_lease(Lease(subnet, attrs_for("192.0.2.6"), None), attrs_for("192.0.2.6"))
         again = store.acquire_lease(NETWORK, attrs_for("192.0.2.5"))
         assert again.subnet == subnet and again.is_reservation
@@ -414,7 +447,3 @@ def test_update_never_steals_and_reservations_stay(etcd: EtcdServer, prefix: str
         assert "lease" not in data["kvs"][0] or data["kvs"][0]["lease"] == 0
     finally:
         store.close()
-
-
-def _store(options: dict[str, Any]) -> Store:
-    return open_store("etcd", **options)
