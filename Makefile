@@ -38,6 +38,7 @@ typecheck: venv
 	@rm -rf build/typecheck
 	@$(PY) -m pip install -q --no-deps --no-compile --target build/typecheck . >/dev/null
 	cd build/typecheck && ../../$(VENV)/bin/mypy --strict --config-file ../../pyproject.toml -p overlayd
+	cd build/typecheck && ../../$(VENV)/bin/mypy --strict --config-file ../../pyproject.toml ../../tests/typing/public_api.py
 
 unit: venv
 	$(PY) -m pytest -q -m "not root and not etcd"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from overlayd._docgen import render
+from overlayd._docgen import render, render_library
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -13,6 +13,13 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_configuration_reference_is_current() -> None:
     current = (ROOT / "docs" / "configuration.md").read_text()
     assert current == render(), "docs/configuration.md is stale: run python -m overlayd._docgen > docs/configuration.md"
+
+
+def test_library_reference_is_current() -> None:
+    current = (ROOT / "docs" / "library.md").read_text()
+    assert current == render_library(), (
+        "docs/library.md is stale: run python -m overlayd._docgen library > docs/library.md"
+    )
 
 
 def test_relative_links_resolve() -> None:
