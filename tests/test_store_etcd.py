@@ -11,7 +11,7 @@ import json
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from ipaddress import IPv4Address, IPv4Network, IPv6Network
 from pathlib import Path
@@ -24,13 +24,16 @@ from overlayd.errors import HistoryGone, LeaseLost, StoreUnavailable, UserError
 from overlayd.model import EventKind, Lease, LeaseEvent, LeaseList
 from overlayd.stores.etcd import EtcdOptions
 from overlayd.testing import StoreContract, StoreSpec
-from overlayd.testing.etcd import EtcdCluster, EtcdServer, make_tls
+from overlayd.testing.etcd import EtcdCluster, EtcdServer, free_port, make_tls
+from overlayd.testing.netns import netns_factory, netns_pids, run
 from overlayd.testing.store_contract import NETWORK, attrs_for
 
 pytestmark = [
     pytest.mark.etcd,
     pytest.mark.skipif(not os.path.exists("/usr/bin/etcd"), reason="needs Debian's etcd-server"),
 ]
+
+__all__ = ["netns_factory"]  # the fixture, re-exported for pytest
 
 _prefixes = itertools.count(1)
 
@@ -135,8 +138,6 @@ def test_bad_options_are_user_errors(etcd: EtcdServer) -> None:
 
 
 def test_unreachable_etcd_fails_promptly() -> None:
-    from overlayd.testing.etcd import free_port
-
     store = open_store("etcd", endpoints=f"http://127.0.0.1:{free_port()}")
     try:
         started = time.monotonic()
@@ -227,10 +228,16 @@ def test_cluster_member_killed_leases_and_watch_continue(tmp_path: Path) -> None
             assert isinstance(snapshot, LeaseList) and len(snapshot.leases) == 1
             used = store._current  # type: ignore[attr-defined]
             assert used == 0
+            pulled: list[LeaseEvent] = []
+            puller = threading.Thread(target=lambda: pulled.extend(_events_until(events, 1, timeout=20)))
+            puller.start()
+            time.sleep(0.3)  # the watch stream to member 0 is open now
             cluster.members[used].kill()
             other = writer.acquire_lease(NETWORK, attrs_for("192.0.2.2"))
-            [added] = _events_until(events, 1, timeout=20)
+            puller.join(25)
+            [added] = pulled
             assert added.kind is EventKind.ADDED and added.subnet == other.subnet
+            assert store._current != used  # type: ignore[attr-defined]
             renewed = store.renew_lease(lease)
             assert renewed.revision > lease.revision and renewed.subnet == lease.subnet
             [renewal] = _events_until(events, 1, timeout=20)
@@ -447,3 +454,20 @@ def test_update_never_steals_and_reservations_stay(etcd: EtcdServer, prefix: str
         assert "lease" not in data["kvs"][0] or data["kvs"][0]["lease"] == 0
     finally:
         store.close()
+
+
+@pytest.mark.root
+def test_harness_runs_etcd_inside_a_network_namespace(netns_factory: Callable[..., str]) -> None:
+    """What the end-to-end tests need: a member on a documentation address inside a namespace."""
+    netns = netns_factory("etcd")
+    run(netns, "ip", "addr", "add", "192.0.2.1/32", "dev", "lo")
+    server = EtcdServer(listen_host="192.0.2.1", command_prefix=["ip", "netns", "exec", netns])
+    try:
+        server.start()
+        assert server.endpoint.startswith("http://192.0.2.1:")
+        server.etcdctl("put", "/ns-test", "hello")
+        assert server.etcdctl("get", "/ns-test", "--print-value-only").strip() == "hello"
+        assert server.pid in netns_pids(netns)
+    finally:
+        server.stop()
+    assert not server.running and not server.base_dir.exists()

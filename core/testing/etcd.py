@@ -309,7 +309,17 @@ class EtcdServer:
         raise EtcdError(f"etcd {self.name} not healthy after {timeout}s ({last}); log:\n{self.log_tail()}")
 
     def healthy(self) -> bool:
-        """True when ``/health`` answers ``{"health":"true"}`` (the member has a leader)."""
+        """True when ``/health`` answers ``{"health":"true"}`` (the member has a leader).
+
+        With a command prefix (another network namespace) the check runs ``etcdctl endpoint
+        health`` through the same prefix, since this process may not reach the address.
+        """
+        if self.command_prefix:
+            try:
+                self.etcdctl("endpoint", "health", timeout=5.0, auth=False)
+            except (EtcdError, subprocess.TimeoutExpired):
+                return False
+            return True
         context = None
         if self.tls:
             context = ssl.create_default_context(cafile=str(self.tls.ca))
