@@ -53,7 +53,7 @@ from typing import Any
 import attrs
 from overlayd import netlink
 from overlayd.config import NetworkConfig
-from overlayd.errors import ConfigError, GarbledLease, KernelError
+from overlayd.errors import ConfigError, GarbledLease, KernelError, PermanentError
 from overlayd.model import Lease
 from overlayd.netlink import FdbEntry, MacAddress, Neighbour, Route
 from overlayd.plan import Plan
@@ -225,6 +225,7 @@ class VxlanNetwork(Network):
         mac: MacAddress,
         connected: frozenset[IPv4Network],
         created: bool = False,
+        offline: bool = False,
     ) -> None:
         self.settings = settings
         self.host = host
@@ -234,6 +235,8 @@ class VxlanNetwork(Network):
         self.lease: Lease | None = None
         #: True when ``prepare`` created (or recreated) the device, False when it kept one.
         self.created = created
+        #: A planning-only network (dry runs): ``apply`` and ``activate`` refuse to run.
+        self.offline = offline
         #: Over an IPv6 underlay (the VTEP's local address is IPv6) peers are reached at PublicIPv6.
         self.underlay_v6 = spec.local.version == 6
 
@@ -252,6 +255,7 @@ class VxlanNetwork(Network):
     # -- local setup ------------------------------------------------------------------------------
 
     def activate(self, lease: Lease) -> None:
+        self._refuse_offline("activate")
         if lease.subnet is None:
             raise ConfigError("vxlan needs an IPv4 subnet lease (EnableIPv4)")
         self.lease = lease
@@ -338,7 +342,12 @@ class VxlanNetwork(Network):
                 | netlink.read_fdb(ipr, self.device)
             )
 
+    def _refuse_offline(self, what: str) -> None:
+        if self.offline:
+            raise PermanentError(f"vxlan: {what} called on a planning-only (dry run) network")
+
     def apply(self, plan: Plan[Any]) -> None:
+        self._refuse_offline("apply")
         if plan.empty:
             return
         with netlink.iproute() as ipr:
@@ -350,6 +359,7 @@ class VxlanNetwork(Network):
             netlink.apply_plan(ipr, plan)
 
     def teardown(self) -> None:
+        self._refuse_offline("teardown")
         with netlink.iproute() as ipr:
             netlink.delete_link(ipr, self.device)
             for route in netlink.read_routes(ipr):
@@ -367,7 +377,7 @@ class VxlanBackend(Backend):
         #: device keeps its own.  None: derive a stable one from (VNI, local IP).
         self.preferred_mac: str | MacAddress | None = None
 
-    def prepare(self, config: NetworkConfig, host: HostInfo, *, mac: str | MacAddress | None = None) -> Network:
+    def _spec(self, config: NetworkConfig, host: HostInfo) -> tuple[VxlanSettings, DeviceSpec]:
         settings = VxlanSettings.resolve(self.options, config.backend)
         local = host.iface_addr or host.public_ip or host.public_ipv6
         if local is None:
@@ -382,6 +392,28 @@ class VxlanBackend(Backend):
             gbp=settings.gbp,
             mtu=mtu,
         )
+        return settings, spec
+
+    def offline(self, config: NetworkConfig, host: HostInfo, own: Lease) -> Network:
+        """A planning-only network: the device is not touched; the MAC comes from *own*'s lease.
+
+        DirectRouting needs the underlay's connected subnets: they are read (not changed) when
+        ``host.iface_index`` names a device here, else no peer counts as directly reachable.
+        """
+        settings, spec = self._spec(config, host)
+        try:
+            mac = MacAddress.parse((own.attrs.backend_data or {}).get("VtepMAC"))
+        except ValueError:
+            mac = derived_mac(spec.vni, spec.local)
+        connected: frozenset[IPv4Network] = frozenset()
+        if settings.direct_routing and host.iface_index > 0:
+            with netlink.iproute() as ipr:
+                connected = netlink.connected_networks(ipr, host.iface_index)
+        return VxlanNetwork(settings, host, spec, mac, connected, offline=True)
+
+    def prepare(self, config: NetworkConfig, host: HostInfo, *, mac: str | MacAddress | None = None) -> Network:
+        settings, spec = self._spec(config, host)
+        local = spec.local
         try:
             chosen = mac if mac is not None else self.preferred_mac
             wanted = MacAddress.parse(chosen) if chosen is not None else None

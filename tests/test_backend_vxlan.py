@@ -24,7 +24,7 @@ from overlayd.backends.vxlan import (
     derived_mac,
 )
 from overlayd.config import NetworkConfig
-from overlayd.errors import ConfigError, GarbledLease
+from overlayd.errors import ConfigError, GarbledLease, PermanentError
 from overlayd.model import Lease, LeaseAttrs
 from overlayd.netlink import FdbEntry, MacAddress, Neighbour, Route
 from overlayd.plugin import HostInfo
@@ -137,6 +137,16 @@ def test_plan_over_an_ipv6_underlay_uses_public_ipv6() -> None:
     assert FdbEntry(MAC_B, IPv6Address("2001:db8::2"), "flannel.1") in net.desired_state(OWN, [peer])
     with pytest.raises(GarbledLease, match="PublicIPv6"):
         net.check_peer(PEER_B)
+
+
+def test_offline_network_plans_without_touching_anything() -> None:
+    host = HostInfo("", 0, 1500, IPv4Address("192.0.2.1"))
+    net = VxlanBackend(VxlanOptions()).offline(CONFIG, host, OWN)
+    assert isinstance(net, VxlanNetwork) and net.offline
+    assert net.backend_data == {"VNI": 1, "VtepMAC": "0a:00:00:00:00:0a"}
+    assert len(net.desired_state(OWN, [PEER_B, PEER_C])) == 6
+    with pytest.raises(PermanentError, match="dry run"):
+        net.apply(planmod.Plan(add=frozenset({Route(IPv4Network("10.44.2.0/24"), "flannel.1")})))
 
 
 def test_derived_mac_is_stable_unicast_and_local() -> None:
