@@ -8,6 +8,7 @@ state is read back with ``ip -j`` / ``bridge -j`` inside the namespace, not thro
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Sequence
 from ipaddress import IPv4Address, IPv4Network, IPv6Address
 from typing import Any
@@ -28,9 +29,9 @@ from overlayd.errors import ConfigError, GarbledLease, PermanentError
 from overlayd.model import Lease, LeaseAttrs
 from overlayd.netlink import FdbEntry, MacAddress, Neighbour, Route
 from overlayd.plugin import HostInfo
-from overlayd.testing.netns import bridge_json, in_netns, ip_json, netns_factory, run, veth
+from overlayd.testing.netns import bridge_json, in_netns, ip_json, netns, netns_factory, run, veth
 
-__all__ = ["netns_factory"]  # the fixture, re-exported for pytest
+__all__ = ["netns", "netns_factory"]  # the fixtures, imported for pytest
 
 CONFIG = NetworkConfig.from_dict({"Network": "10.44.0.0/16"})
 OWN_SUBNET = IPv4Network("10.44.1.0/24")
@@ -432,3 +433,28 @@ def test_netlink_mac_parsing() -> None:
         with pytest.raises(ValueError):
             MacAddress.parse(bad)
     assert netlink.RTPROT_OVERLAYD == 79
+
+
+# -- the namespace fixtures themselves -------------------------------------------------------------------
+
+
+@pytest.mark.root
+def test_netns_fixtures_segment_and_isolation(netns: str, netns_factory: Callable[..., str]) -> None:
+    from overlayd.testing.netns import RUN_PREFIX, Segment, call_in_netns, delete_netns
+
+    assert netns.startswith(RUN_PREFIX)
+    segment = Segment(netns_factory("sw"))
+    b = netns_factory("b")
+    segment.attach(netns, "eth0", "203.0.113.1/24")
+    segment.attach(b, "eth0", "203.0.113.2/24")
+    run(netns, "ping", "-c", "1", "-W", "2", "203.0.113.2")
+
+    def names() -> set[str]:
+        with netlink.iproute() as ipr:
+            return set(netlink.link_names(ipr).values())
+
+    before = os.stat("/proc/thread-self/ns/net").st_ino
+    assert call_in_netns(netns, names) == {"lo", "eth0"}
+    assert os.stat("/proc/thread-self/ns/net").st_ino == before  # back where we started
+    with pytest.raises(ValueError, match="refusing"):
+        delete_netns("default")
