@@ -132,7 +132,7 @@ def inner(args: argparse.Namespace) -> None:
                 started = time.monotonic()
                 client.put(f"{PREFIX}/subnets/{net.network_address}-24", peer_value(2000 + i), lease=lease)
                 written = time.monotonic()
-                wait_for(lambda: count_objects()[0] >= i + 1, 10)
+                wait_for(lambda i=i: count_objects()[0] >= i + 1, 10)
                 latencies.append((time.monotonic() - written, time.monotonic() - started))
             for i in range(20):
                 client.delete(f"{PREFIX}/subnets/{subnet(2000 + i).network_address}-24")
