@@ -458,3 +458,65 @@ def test_netns_fixtures_segment_and_isolation(netns: str, netns_factory: Callabl
     assert os.stat("/proc/thread-self/ns/net").st_ino == before  # back where we started
     with pytest.raises(ValueError, match="refusing"):
         delete_netns("default")
+
+
+# -- netlink.apply_plan ordering and errno handling (recording fake, no kernel) ------------------------------
+
+
+class RecordingIPRoute:
+    """Just enough of pyroute2's IPRoute for apply_plan: records calls, raises on demand."""
+
+    def __init__(self, fail: dict[tuple[str, str], int] | None = None) -> None:
+        self.calls: list[tuple[str, str]] = []
+        self.fail = fail or {}
+
+    def _call(self, what: str, command: str) -> list[Any]:
+        from pyroute2.netlink.exceptions import NetlinkError
+
+        self.calls.append((what, command))
+        if (what, command) in self.fail:
+            raise NetlinkError(self.fail[(what, command)])
+        return []
+
+    def link(self, command: str, **kwargs: Any) -> list[Any]:
+        return [{"index": 7, "ifname": kwargs.get("ifname"), "flags": 1, "mtu": 1450}]
+
+    def neigh(self, command: str, **kwargs: Any) -> list[Any]:
+        return self._call("neigh", command)
+
+    def fdb(self, command: str, **kwargs: Any) -> list[Any]:
+        return self._call("fdb", command)
+
+    def route(self, command: str, **kwargs: Any) -> list[Any]:
+        return self._call("route", command)
+
+
+def _mixed_plan() -> planmod.Plan[Any]:
+    net = offline_network()
+    return planmod.Plan(add=net.desired_state(OWN, [PEER_B]), remove=net.desired_state(OWN, [PEER_C]))
+
+
+def test_apply_plan_orders_adds_and_removals() -> None:
+    ipr = RecordingIPRoute()
+    netlink.apply_plan(ipr, _mixed_plan())
+    assert ipr.calls == [
+        ("neigh", "replace"),
+        ("fdb", "replace"),
+        ("route", "replace"),
+        ("route", "del"),
+        ("fdb", "del"),
+        ("neigh", "del"),
+    ]
+
+
+def test_apply_plan_errno_handling() -> None:
+    import errno
+
+    from overlayd.errors import KernelError
+
+    gone = {("route", "del"): errno.ESRCH, ("fdb", "del"): errno.ENOENT, ("neigh", "del"): errno.ENODEV}
+    netlink.apply_plan(RecordingIPRoute(gone), _mixed_plan())  # already gone counts as done
+    with pytest.raises(KernelError, match=r"FDB entry .* lacks VXLAN FDB entries"):
+        netlink.apply_plan(RecordingIPRoute({("fdb", "replace"): errno.EOPNOTSUPP}), _mixed_plan())
+    with pytest.raises(KernelError, match=r"route .*\(errno 1\).*CAP_NET_ADMIN"):
+        netlink.apply_plan(RecordingIPRoute({("route", "replace"): errno.EPERM}), _mixed_plan())
