@@ -35,8 +35,9 @@ shared by every host and all of them must agree on VNI, port and GBP; the ``--vx
 fill in what the config leaves out.  A CLI value overridden by the config is logged as a warning.
 
 Kernel quirks: VXLAN's MTU may not exceed the underlay's minus the encapsulation (50 bytes over
-IPv4, 70 over IPv6; see ``vxlan_config_apply`` in drivers/net/vxlan/vxlan_core.c); an onlink route
-needs the device up.  Links: https://www.kernel.org/doc/Documentation/networking/vxlan.rst,
+IPv4, 70 over IPv6): at creation a larger MTU is silently clamped (``vxlan_config_apply``), later
+it is refused with EINVAL (``vxlan_change_mtu``; drivers/net/vxlan/vxlan_core.c), so overlayd
+rejects it up front as a config error.  An onlink route needs its device up.  Links: https://www.kernel.org/doc/Documentation/networking/vxlan.rst,
 https://github.com/flannel-io/flannel/blob/master/pkg/backend/vxlan/vxlan.go
 """
 
@@ -382,7 +383,13 @@ class VxlanBackend(Backend):
         local = host.iface_addr or host.public_ip or host.public_ipv6
         if local is None:
             raise ConfigError(f"vxlan: interface {host.iface} has no address to use as the VTEP's local address")
-        mtu = settings.mtu or vxlan_mtu(host.iface_mtu, ipv6_underlay=local.version == 6)
+        limit = vxlan_mtu(host.iface_mtu, ipv6_underlay=local.version == 6)
+        if settings.mtu > limit:
+            raise ConfigError(
+                f"vxlan: MTU {settings.mtu} does not fit underlay {host.iface or local} (MTU {host.iface_mtu}); "
+                f"use at most {limit}, or 0 for automatic"
+            )
+        mtu = settings.mtu or limit
         spec = DeviceSpec(
             name=settings.device,
             vni=settings.vni,

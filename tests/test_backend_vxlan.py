@@ -150,6 +150,14 @@ def test_offline_network_plans_without_touching_anything() -> None:
         net.apply(planmod.Plan(add=frozenset({Route(IPv4Network("10.44.2.0/24"), "flannel.1")})))
 
 
+def test_mtu_above_the_underlay_limit_is_a_config_error() -> None:
+    host = HostInfo("eth0", 0, 1500, IPv4Address("192.0.2.1"))
+    too_big = NetworkConfig.from_dict({"Network": "10.44.0.0/16", "Backend": {"Type": "vxlan", "MTU": 1451}})
+    with pytest.raises(ConfigError, match="at most 1450"):
+        VxlanBackend(VxlanOptions()).offline(too_big, host, OWN)
+    assert VxlanBackend(VxlanOptions(mtu=1450)).offline(CONFIG, host, OWN).mtu == 1450
+
+
 def test_derived_mac_is_stable_unicast_and_local() -> None:
     mac = derived_mac(1, IPv4Address("192.0.2.1"))
     assert mac == derived_mac(1, IPv4Address("192.0.2.1")) != derived_mac(1, IPv4Address("192.0.2.2"))
