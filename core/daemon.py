@@ -176,8 +176,9 @@ class Daemon:
                 return False
             self._adopt(lease)
         except BaseException:
-            log.error("start-up failed; removing what this start created")
-            self.network.teardown()
+            if self.network.created:
+                log.error("start-up failed; removing what this start created")
+                self.network.teardown()
             raise
         log.info(
             "host %s (%s) holds %s; backend %s, MTU %d",

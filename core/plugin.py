@@ -244,6 +244,10 @@ class HostInfo:
 class Network(abc.ABC):
     """A backend set up on this host for one network config."""
 
+    #: True when ``prepare`` created kernel state; False when it adopted what a previous run left.
+    #: A failed start tears down only what it created, so a restart never cuts live traffic.
+    created: bool = True
+
     @property
     @abc.abstractmethod
     def mtu(self) -> int:
