@@ -679,6 +679,10 @@ class Cluster:
 
         wait_until(healthy, timeout, interval=0.2, what="etcd health")
 
+    def overlayd_cli(self, *args: str, host: int = 0, timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
+        """Run an ``overlayd`` admin command inside a host namespace (where the store is reachable)."""
+        return self.hosts[host].exec([self.overlayd, *args], check=False, timeout=timeout)
+
     # -- inspection --
 
     def containers(self) -> list[Container]:

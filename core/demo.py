@@ -103,8 +103,7 @@ def _store_args(store: str, cluster: topo.Cluster) -> list[str]:
 
 def fetch_leases(cluster: topo.Cluster, store_args: list[str]) -> list[dict[str, Any]]:
     """``overlayd leases --json`` run inside host0 (where an etcd on the underlay is reachable)."""
-    host = cluster.hosts[0]
-    proc = host.exec([cluster.overlayd, *store_args, "--log-level", "error", "leases", "--json"], check=False)
+    proc = cluster.overlayd_cli(*store_args, "--log-level", "error", "leases", "--json")
     if proc.returncode != 0:
         raise topo.TopologyError(f"overlayd leases failed: {proc.stderr.strip() or proc.stdout.strip()}")
     doc = json.loads(proc.stdout)
@@ -216,6 +215,11 @@ def run_demo(hosts: int, backend: str, store: str, keep: bool, network: str, tim
             "--resync-period", "5",
             "--log-level", "info",
         ]  # fmt: skip
+        with progress.step(f"writing the network config {network} to the store (overlayd network init)"):
+            init = cluster.overlayd_cli(*store_args, "--log-level", "error", "network", "init",
+                                        "--network", network, "--backend", backend)  # fmt: skip
+            if init.returncode != 0:
+                raise topo.TopologyError(f"overlayd network init failed: {(init.stderr or init.stdout).strip()}")
         with progress.step(f"starting overlayd --backend {backend} --store {store} on every host"):
             for host in cluster.hosts:
                 host.start_daemon(global_args)

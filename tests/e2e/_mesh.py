@@ -12,10 +12,15 @@ NETWORK = "10.244.0.0/16"
 RESYNC = 2.0
 
 
+def embedded_store_args(cluster: topo.Cluster) -> list[str]:
+    """Store options for the default store (no ``--store``: embedded is the default)."""
+    return ["--embedded-path", str(store_path(cluster))]
+
+
 def embedded_args(cluster: topo.Cluster, *extra: str) -> list[str]:
-    """Daemon options for the default store (no ``--store``: embedded is the default)."""
+    """Daemon options on the default store."""
     return [
-        "--embedded-path", str(store_path(cluster)),
+        *embedded_store_args(cluster),
         "--backend", "vxlan",
         "--network", NETWORK,
         "--healthz-port", "0",
@@ -29,8 +34,22 @@ def store_path(cluster: topo.Cluster) -> Path:
     return cluster.workdir / "store.db"
 
 
-def bring_up(cluster: topo.Cluster, args: list[str], hosts: list[topo.Host] | None = None) -> None:
-    """Start a daemon on each host, wait for its subnet file, attach its container, wait for routes."""
+def init_network(cluster: topo.Cluster, store_args: list[str]) -> None:
+    """``overlayd network init`` before any daemon starts: flannel's usual order of operations."""
+    proc = cluster.overlayd_cli(*store_args, "network", "init", "--network", NETWORK, "--backend", "vxlan")
+    assert proc.returncode == 0, proc.stderr
+
+
+def bring_up(
+    cluster: topo.Cluster, args: list[str], hosts: list[topo.Host] | None = None, *, init_args: list[str] | None = None
+) -> None:
+    """Start a daemon on each host, wait for its subnet file, attach its container, wait for routes.
+
+    With *init_args* (the store options), the network config is written first with
+    ``overlayd network init``; without, the daemons create it from ``--network`` on a cold store.
+    """
+    if init_args is not None:
+        init_network(cluster, init_args)
     hosts = cluster.hosts if hosts is None else hosts
     for host in hosts:
         host.start_daemon(args)

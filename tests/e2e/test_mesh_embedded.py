@@ -24,6 +24,7 @@ from ._mesh import (
     assert_full_mesh,
     bring_up,
     embedded_args,
+    embedded_store_args,
     route_dsts,
     store_path,
     subnets,
@@ -50,7 +51,7 @@ def vtep_mac(host: topo.Host) -> str:
 def test_every_container_reaches_every_other(make_cluster, figures):
     cluster = make_cluster(3)
     start = time.monotonic()
-    bring_up(cluster, embedded_args(cluster))
+    bring_up(cluster, embedded_args(cluster))  # cold store: the daemons create the config
     figures.add(f"3 hosts: first daemon start to full mesh of routes in {time.monotonic() - start:.2f} s")
 
     results = assert_full_mesh(cluster)
@@ -92,7 +93,7 @@ def _background_ping(ns: str, dst: IPv4Address, seconds: float) -> subprocess.Po
 def test_kill9_and_restart_keeps_subnet_and_traffic(make_cluster, figures):
     cluster = make_cluster(3)
     args = embedded_args(cluster)
-    bring_up(cluster, args)
+    bring_up(cluster, args, init_args=embedded_store_args(cluster))
     victim = cluster.hosts[1]
     before = victim.subnet_env()
     c0, c1 = cluster.hosts[0].container, victim.container
@@ -125,7 +126,7 @@ def test_kill9_and_restart_keeps_subnet_and_traffic(make_cluster, figures):
 
 def test_deleted_route_is_repaired_within_a_resync_period(make_cluster, figures):
     cluster = make_cluster(3)
-    bring_up(cluster, embedded_args(cluster))
+    bring_up(cluster, embedded_args(cluster), init_args=embedded_store_args(cluster))
     host, nets = cluster.hosts[0], subnets(cluster)
     peer_net = str(nets[1])
 
@@ -138,7 +139,7 @@ def test_deleted_route_is_repaired_within_a_resync_period(make_cluster, figures)
 
 def test_deleted_neighbour_and_fdb_entries_are_repaired(make_cluster, figures):
     cluster = make_cluster(3)
-    bring_up(cluster, embedded_args(cluster))
+    bring_up(cluster, embedded_args(cluster), init_args=embedded_store_args(cluster))
     host, peer = cluster.hosts[0], cluster.hosts[2]
     gw = str(subnets(cluster)[peer.index].network_address)
     mac = vtep_mac(peer)
@@ -163,7 +164,7 @@ def test_deleted_neighbour_and_fdb_entries_are_repaired(make_cluster, figures):
 
 def test_deleted_lease_is_unprogrammed_on_peers(make_cluster, figures):
     cluster = make_cluster(3)
-    bring_up(cluster, embedded_args(cluster))
+    bring_up(cluster, embedded_args(cluster), init_args=embedded_store_args(cluster))
     gone = cluster.hosts[2]
     net = subnets(cluster)[gone.index]
     gone.daemon.kill()  # a dead node; its live daemon would simply take a lease again
@@ -203,7 +204,7 @@ def _watch_new_routes(host: topo.Host, known: set[str], found: dict[str, float],
 def test_hosts_join_and_are_reachable_quickly(make_cluster, figures):
     cluster = make_cluster(3)
     args = embedded_args(cluster)
-    bring_up(cluster, args)
+    bring_up(cluster, args, init_args=embedded_store_args(cluster))
     lease_to_route: list[float] = []
     ready_to_reachable: list[float] = []
 

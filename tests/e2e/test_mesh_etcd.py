@@ -31,10 +31,13 @@ def _needs_etcd() -> None:
         pytest.skip("the etcd store is not installed")
 
 
+def etcd_store_args(cluster: topo.Cluster) -> list[str]:
+    return ["--store", "etcd", "--etcd-endpoints", cluster.etcd_endpoint]
+
+
 def etcd_args(cluster: topo.Cluster) -> list[str]:
     return [
-        "--store", "etcd",
-        "--etcd-endpoints", cluster.etcd_endpoint,
+        *etcd_store_args(cluster),
         "--backend", "vxlan",
         "--network", NETWORK,
         "--healthz-port", "0",
@@ -77,7 +80,7 @@ def test_etcd_mesh_survives_daemon_restart_and_sees_joins(make_cluster, figures)
     cluster = make_cluster(3, store_ns=True)
     cluster.start_etcd()
     args = etcd_args(cluster)
-    bring_up(cluster, args)
+    bring_up(cluster, args, init_args=etcd_store_args(cluster))
 
     victim = cluster.hosts[0]
     before = victim.subnet_env()
