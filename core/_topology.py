@@ -37,6 +37,7 @@ import tempfile
 import time
 import weakref
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 from pathlib import Path
 from typing import Any, TypeVar
@@ -690,18 +691,13 @@ class Cluster:
 
     def ping_matrix(self, count: int = 3, timeout: int = 1, parallel: int = 8) -> dict[tuple[int, int], PingResult]:
         """Every container pings every other container's address; keys are (from, to) host indexes."""
-        from concurrent.futures import ThreadPoolExecutor
-
-        pairs = [
-            (a, b)
-            for a in self.hosts
-            for b in self.hosts
-            if a is not b and a.container is not None and b.container is not None
-        ]
+        placed = [(h.index, h.container) for h in self.hosts if h.container is not None]
         with ThreadPoolExecutor(max_workers=parallel) as pool:
             futures = {
-                (a.index, b.index): pool.submit(ping, a.container.ns, b.container.address.ip, count, timeout)  # type: ignore[union-attr]
-                for a, b in pairs
+                (i, j): pool.submit(ping, a.ns, b.address.ip, count, timeout)
+                for i, a in placed
+                for j, b in placed
+                if i != j
             }
             return {key: fut.result() for key, fut in futures.items()}
 
