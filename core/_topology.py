@@ -714,6 +714,8 @@ class Cluster:
             with contextlib.suppress(Exception):
                 self.etcd.kill()
                 self.etcd.stop()
+            with contextlib.suppress(Exception):
+                Path(self.etcd.log_path).unlink(missing_ok=True)  # it sits in /tmp when data_dir is ours
         existing = set(list_netns())
         for ns in reversed(self.namespaces):
             if ns in existing:
