@@ -69,9 +69,15 @@ import grpc
 
 with warnings.catch_warnings():  # its generated code uses descriptor APIs protobuf deprecates
     warnings.simplefilter("ignore", DeprecationWarning)
-    import etcd3
-    from etcd3 import etcdrpc
-    from etcd3.etcdrpc import kv_pb2
+    try:
+        import etcd3
+        from etcd3 import etcdrpc
+        from etcd3.etcdrpc import kv_pb2
+    except TypeError as _exc:  # protobuf was imported earlier with its C/upb runtime
+        raise UserError(
+            "the etcd store needs protobuf's pure-Python runtime, but protobuf was already loaded "
+            "with another one; start with PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION=python"
+        ) from _exc
 
 log = logging.getLogger(__name__)
 
