@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 import time
@@ -113,3 +114,15 @@ def test_demo_needs_root(monkeypatch):
     assert result.exit_code == 2
     assert "needs root" in result.output
     assert "Traceback" not in result.output
+
+
+@pytest.mark.etcd
+def test_demo_on_etcd_store():
+    if shutil.which("etcd") is None:
+        pytest.skip("needs Debian's etcd binary")
+    proc = _demo("--hosts", "2", "--store", "etcd")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "OK: all 2 container pairs reach each other" in proc.stdout
+    prefix = _prefix(proc)
+    assert _ours(prefix) == []
+    assert _processes_in_workdir(prefix) == []
