@@ -650,17 +650,17 @@ class Cluster:
     def start_etcd(self, timeout: float = 30.0) -> None:
         """A single-member etcd in the store namespace, serving on the underlay address.
 
-        Uses ``overlayd.testing.etcd.EtcdServer`` (its process prefixed with ``ip netns exec``) but
-        probes health from *inside* the store namespace: from the caller's namespace the
-        underlay address is not reachable, and a probe would leave through its default route.
+        ``overlayd.testing.etcd.EtcdServer`` with an ``ip netns exec`` command prefix; its health
+        check then runs through the same prefix, inside the store namespace (from the caller's
+        namespace the underlay address is not reachable).
         """
         if self.store_ns is None:
             raise TopologyError("this cluster was built without a store namespace (store_ns=True)")
         if not Path(shutil.which("etcd") or "/usr/bin/etcd").exists():
             raise TopologyError("the etcd binary is missing (apt-get install etcd-server)")
-        from .testing.etcd import EtcdServer
+        from .testing.etcd import EtcdError, EtcdServer
 
-        server = EtcdServer(
+        self.etcd = EtcdServer(
             name=f"{self.prefix}etcd",
             listen_host=str(STORE_ADDRESS.ip),
             client_port=ETCD_CLIENT_PORT,
@@ -668,17 +668,10 @@ class Cluster:
             data_dir=self.workdir / "etcd",
             command_prefix=["ip", "netns", "exec", self.store_ns],
         )
-        self.etcd = server
-        server.launch()
-        store_ns = self.store_ns
-        probe = [sys.executable, "-c", _HTTP_PROBE, f"{self.etcd_endpoint}/health"]
-
-        def healthy() -> bool:
-            if server.process is None or server.process.poll() is not None:
-                raise TopologyError(f"etcd exited; log:\n{server.log_tail()}")
-            return run(ns_exec(store_ns, probe), check=False).returncode == 0
-
-        wait_until(healthy, timeout, interval=0.2, what="etcd health")
+        try:
+            self.etcd.start(timeout)
+        except EtcdError as exc:
+            raise TopologyError(str(exc)) from exc
 
     def overlayd_cli(self, *args: str, host: int = 0, timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
         """Run an ``overlayd`` admin command inside a host namespace (where the store is reachable)."""
@@ -745,13 +738,6 @@ def _cleanup_live_clusters() -> None:
     for live in list(_live):
         with contextlib.suppress(Exception):
             live.cleanup()
-
-
-_HTTP_PROBE = (
-    "import json, sys, urllib.request\n"
-    "doc = json.load(urllib.request.urlopen(sys.argv[1], timeout=1))\n"
-    "sys.exit(0 if str(doc.get('health')).lower() == 'true' else 1)\n"
-)
 
 
 def leftovers(prefix_glob: str = DEFAULT_PREFIX_GLOB) -> dict[str, list[str]]:
