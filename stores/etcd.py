@@ -105,6 +105,8 @@ _GRPC_OPTIONS = [
     # etcd's default --grpc-keepalive-min-time is 5 s; ping less often than that.
     ("grpc.keepalive_time_ms", 10000),
     ("grpc.keepalive_timeout_ms", 5000),
+    # a listing of many thousands of leases is larger than gRPC's default 4 MiB
+    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
 ]
 
 # gRPC codes that mean "this member cannot answer now": try the next one.
@@ -373,6 +375,11 @@ class EtcdStore(Store):
                 return False, None, str(exc)
             except (HistoryGone, LeaseLost, UserError, StoreUnavailable):
                 raise
+            except ValueError as exc:
+                if "Channel closed" not in str(exc):
+                    raise
+                # gRPC's "Cannot invoke RPC: Channel closed!": close() raced this call
+                raise StoreUnavailable(f"etcd {what} at {url} failed: the store is closed") from exc
             except Exception as exc:
                 error = _rpc_error(exc)
                 if error is None:
@@ -607,7 +614,7 @@ class EtcdStore(Store):
     def delete_lease(self, lease: Lease) -> None:
         # The etcd lease is deliberately not revoked: that would make the delete look like an
         # expiry to watchers.  It owns no key now and runs out by itself.
-        self._delete_if(self._key_for(lease), lambda kv: self._owner(kv) in (lease.attrs.public_ip, None))
+        self._delete_if(self._key_for(lease), lambda kv: self._owner(kv) == lease.attrs.public_ip)
 
     def _delete_if(self, key: str, allowed: Callable[[_KV], bool]) -> None:
         txn = etcd3.Transactions()

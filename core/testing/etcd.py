@@ -201,6 +201,7 @@ class EtcdServer:
     ) -> None:
         self.name = name or f"{RUN_PREFIX}-etcd{next(_counter)}"
         self.listen_host = listen_host
+        self._random_ports = client_port is None and peer_port is None and initial_cluster is None
         self.client_port = client_port or free_port(listen_host)
         self.peer_port = peer_port or free_port(listen_host)
         self._own_dir = data_dir is None
@@ -289,8 +290,18 @@ class EtcdServer:
         self._paused = False
 
     def start(self, timeout: float = 30.0) -> Self:
-        self.launch()
-        self.wait_healthy(timeout)
+        for attempt in range(3):
+            self.launch()
+            try:
+                self.wait_healthy(timeout)
+                break
+            except EtcdError:
+                # Another process took a "free" port between our probe and etcd's bind: new ports.
+                raced = "address already in use" in self.log_tail(50)
+                if not (raced and self._random_ports and not self._started_once and attempt < 2):
+                    raise
+                self.client_port, self.peer_port = free_port(self.listen_host), free_port(self.listen_host)
+                shutil.rmtree(self.data_dir, ignore_errors=True)
         self._started_once = True
         return self
 
