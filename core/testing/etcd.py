@@ -398,6 +398,8 @@ class EtcdServer:
         self.terminate()
         if self._own_dir:
             shutil.rmtree(self.base_dir, ignore_errors=True)
+        else:  # the data dir is the caller's; the log sits in the temp dir
+            self.log_path.unlink(missing_ok=True)
         with _live_lock:
             _live.discard(self)
 
