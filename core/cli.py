@@ -431,6 +431,23 @@ def unreserve(subnet: IPv4Network) -> None:
     click.echo(f"unreserved {subnet}")
 
 
+@cli.command()
+@click.argument("subnet", callback=_subnet_arg)
+def release(subnet: IPv4Network) -> None:
+    """Delete the lease of SUBNET (e.g. a dead host's); its peers remove their routes to it."""
+    store = _store_from_params(_params())
+    try:
+        lease = next((x for x in store.list_leases().leases if x.subnet == subnet), None)
+        if lease is None:
+            raise UserError(f"no lease for {subnet}; 'overlayd leases' lists them")
+        if lease.is_reservation:
+            raise UserError(f"{subnet} is a reservation; remove it with 'overlayd unreserve {subnet}'")
+        store.delete_lease(lease)
+    finally:
+        store.close()
+    click.echo(f"released {subnet} (was {lease.attrs.public_ip})")
+
+
 # -- plugins -----------------------------------------------------------------------------------
 
 

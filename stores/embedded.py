@@ -47,6 +47,7 @@ log = logging.getLogger(__name__)
 
 POLL_INTERVAL = 0.02
 SWEEP_INTERVAL = 0.5
+OPEN_TIMEOUT = 15.0
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -93,16 +94,37 @@ class EmbeddedStore(Store):
         try:
             os.makedirs(directory, exist_ok=True)
             self._db = sqlite3.connect(options.path, timeout=10.0, isolation_level=None, check_same_thread=False)
-            self._db.execute("PRAGMA journal_mode=WAL")
-            self._db.execute("PRAGMA synchronous=NORMAL")
-            with self._write() as db:
-                for statement in _SCHEMA.strip().split(";"):
-                    if statement.strip():
-                        db.execute(statement)
         except (OSError, sqlite3.Error) as exc:
             raise UserError(
                 f"cannot open the embedded store at {options.path} ({exc}); pass --embedded-path with a writable file"
             ) from exc
+        self._initialise(options.path)
+
+    def _initialise(self, path: str) -> None:
+        """Switch to WAL and create the schema.  Several processes may do this to a new file at
+        once; switching the journal mode does not wait for the busy handler, so retry it."""
+        deadline = time.monotonic() + OPEN_TIMEOUT
+        while True:
+            try:
+                self._db.execute("PRAGMA journal_mode=WAL")
+                self._db.execute("PRAGMA synchronous=NORMAL")
+                with self._write() as db:
+                    for statement in _SCHEMA.strip().split(";"):
+                        if statement.strip():
+                            db.execute(statement)
+                return
+            except (sqlite3.OperationalError, StoreUnavailable) as exc:
+                if "locked" not in str(exc) and "busy" not in str(exc):
+                    raise UserError(
+                        f"cannot open the embedded store at {path} ({exc}); pass --embedded-path with a writable file"
+                    ) from exc
+                if time.monotonic() > deadline:
+                    raise StoreUnavailable(f"embedded store {path} stayed locked for {OPEN_TIMEOUT:.0f}s") from exc
+                time.sleep(0.05)
+            except sqlite3.Error as exc:
+                raise UserError(
+                    f"cannot open the embedded store at {path} ({exc}); pass --embedded-path with a writable file"
+                ) from exc
 
     # -- plumbing -----------------------------------------------------------------------------
 

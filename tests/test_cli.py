@@ -104,3 +104,22 @@ def test_plugins_lists_builtin_and_third_party_with_options() -> None:
     assert "alloc" in out
     # the example third-party package (examples/routes-file-backend) is installed by `make test`
     assert "routes-file" in out and "--routes-file-path" in out
+
+
+def test_release_deletes_a_lease_but_not_a_reservation(db: Path) -> None:
+    import overlayd
+    from overlayd.testing.store_contract import attrs_for
+
+    run("network", "init", "--network", "10.244.0.0/16", path=db)
+    store = overlayd.open_store("embedded", path=str(db))
+    config = overlayd.read_network_config(store)
+    assert config is not None
+    lease = store.acquire_lease(config, attrs_for("192.0.2.5"))
+    store.close()
+    run("reserve", "10.244.9.0/24", "192.0.2.9", path=db)
+    assert_user_error(run("release", "10.244.9.0/24", path=db), "is a reservation")
+    assert_user_error(run("release", "10.244.200.0/24", path=db), "no lease for 10.244.200.0/24")
+    result = run("release", str(lease.subnet), path=db)
+    assert result.returncode == 0 and "was 192.0.2.5" in result.stdout
+    left = json.loads(run("leases", "--json", path=db).stdout)["leases"]
+    assert [x["subnet"] for x in left] == ["10.244.9.0/24"]
