@@ -90,8 +90,11 @@ def wait_for(check, timeout: float, interval: float = 0.001) -> float:  # type: 
 
 
 def inner(args: argparse.Namespace) -> None:
-    import etcd3
+    import importlib
+
     import overlayd.stores.etcd  # noqa: F401  (sets the protobuf workaround before etcd3 is imported)
+
+    etcd3 = importlib.import_module("etcd3")
     from overlayd.testing.etcd import EtcdServer
 
     work = Path(tempfile.mkdtemp(prefix="overlayd-bench-"))
@@ -117,7 +120,7 @@ def inner(args: argparse.Namespace) -> None:
                 "--resync-period",
                 "5",
                 "--log-level",
-                "warning",
+                args.log_level,
             ],
             stdout=log,
             stderr=log,
@@ -193,6 +196,8 @@ def inner(args: argparse.Namespace) -> None:
         finally:
             daemon.terminate()
             daemon.wait(10)
+            if args.log_level == "debug":
+                Path("/tmp/overlayd-bench-daemon.log").write_text((work / "daemon.log").read_text())
             subprocess.run(["ip", "link", "del", "flannel.1"], check=False)
             shutil.rmtree(work, ignore_errors=True)
 
@@ -246,7 +251,20 @@ def outer(args: argparse.Namespace) -> None:
     try:
         netns.veth(host, "eth0", peer, "eth0", "192.0.2.1/24", "192.0.2.2/24")
         subprocess.run(
-            ["ip", "netns", "exec", host, sys.executable, __file__, "--inner", "--peers", str(args.peers)], check=True
+            [
+                "ip",
+                "netns",
+                "exec",
+                host,
+                sys.executable,
+                __file__,
+                "--inner",
+                "--peers",
+                str(args.peers),
+                "--log-level",
+                args.log_level,
+            ],
+            check=True,
         )
     finally:
         netns.cleanup_all()
@@ -255,6 +273,7 @@ def outer(args: argparse.Namespace) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--peers", type=int, default=1000)
+    parser.add_argument("--log-level", default="warning", help="the daemon's log level (debug shows pass timings)")
     parser.add_argument("--inner", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if os.geteuid() != 0:

@@ -44,7 +44,7 @@ from .subnetfile import SubnetFile, previous_subnet, write_subnet_file
 log = logging.getLogger(__name__)
 
 WAIT_SLICE = 0.5  # longest a single store wait may block, so a stop is seen quickly
-DEBOUNCE = 0.02  # after a change, wait this long for its siblings before reconciling
+DEBOUNCE = 0.005  # after a change, wait this long for its siblings before reconciling
 
 
 @attrs.frozen
@@ -277,11 +277,19 @@ class Daemon:
         backoff = Backoff()
         while not stop.is_set():
             try:
+                started = time.monotonic()
                 snapshot = self.store.list_leases()
+                listed = time.monotonic()
                 self._snapshot = snapshot
                 self.status.store_healthy = True
                 self._keep_lease(snapshot)
                 self.reconcile(snapshot)
+                log.debug(
+                    "pass at revision %d: list %.1f ms, reconcile %.1f ms",
+                    snapshot.revision,
+                    (listed - started) * 1000,
+                    (time.monotonic() - listed) * 1000,
+                )
                 backoff.reset()
                 self._wait_for_change(snapshot.revision, stop)
             except HistoryGone:
