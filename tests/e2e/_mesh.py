@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
 import time
-from ipaddress import IPv4Network
+from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 
 from overlayd import _topology as topo
@@ -92,3 +93,21 @@ def assert_full_mesh(cluster: topo.Cluster, count: int = 3) -> dict[tuple[int, i
     expected = len([h for h in cluster.hosts if h.container is not None])
     assert len(results) == expected * (expected - 1)
     return results
+
+
+def background_ping(ns: str, dst: IPv4Address, seconds: float) -> subprocess.Popen[str]:
+    count = int(seconds / 0.05)
+    return subprocess.Popen(
+        topo.ns_exec(ns, ["ping", "-n", "-q", "-i", "0.05", "-W", "1", "-c", str(count), str(dst)]),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def ping_counts(pinger: subprocess.Popen[str]) -> tuple[str, int, int]:
+    """(output, sent, received) of a finished :func:`background_ping`."""
+    out, _ = pinger.communicate(timeout=60)
+    sent_recv = topo._PING_COUNTS.search(out)
+    assert sent_recv, out
+    return out, int(sent_recv.group(1)), int(sent_recv.group(2))

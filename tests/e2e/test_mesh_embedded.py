@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import statistics
-import subprocess
 import threading
 import time
 from datetime import timedelta
@@ -22,9 +21,11 @@ from overlayd import open_store
 from ._mesh import (
     RESYNC,
     assert_full_mesh,
+    background_ping,
     bring_up,
     embedded_args,
     embedded_store_args,
+    ping_counts,
     route_dsts,
     store_path,
     subnets,
@@ -80,16 +81,6 @@ def test_every_container_reaches_every_other(make_cluster, figures):
             assert "onlink" in route.get("flags", [])
 
 
-def _background_ping(ns: str, dst: IPv4Address, seconds: float) -> subprocess.Popen[str]:
-    count = int(seconds / 0.05)
-    return subprocess.Popen(
-        topo.ns_exec(ns, ["ping", "-n", "-q", "-i", "0.05", "-W", "1", "-c", str(count), str(dst)]),
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-
-
 @pytest.mark.parametrize("how", ["kill -9", "SIGTERM"])
 def test_daemon_restart_keeps_subnet_and_traffic(make_cluster, figures, how):
     cluster = make_cluster(3)
@@ -99,7 +90,7 @@ def test_daemon_restart_keeps_subnet_and_traffic(make_cluster, figures, how):
     before = victim.subnet_env()
     c0, c1 = cluster.hosts[0].container, victim.container
 
-    pinger = _background_ping(c0.ns, c1.address.ip, 6.0)
+    pinger = background_ping(c0.ns, c1.address.ip, 6.0)
     if how == "kill -9":
         victim.daemon.kill()
     else:
@@ -116,10 +107,7 @@ def test_daemon_restart_keeps_subnet_and_traffic(make_cluster, figures, how):
     assert after.subnet == before.subnet, "the restarted daemon must reuse its subnet"
     assert victim.attach_container(after) is c1  # nothing to rebuild on the container side
 
-    out, _ = pinger.communicate(timeout=30)
-    sent_recv = topo._PING_COUNTS.search(out)
-    assert sent_recv, out
-    sent, received = int(sent_recv.group(1)), int(sent_recv.group(2))
+    out, sent, received = ping_counts(pinger)
     figures.add(f"pings lost across {how} + restart: {sent - received} of {sent} (50 ms interval)")
     assert received == sent, f"traffic dropped during the restart: {out.strip()}"
 
