@@ -31,7 +31,7 @@ venv:
 
 lint: venv
 	$(VENV)/bin/ruff check core backends stores tests examples bench
-	$(VENV)/bin/ruff format --check core backends stores tests examples bench || true
+	$(VENV)/bin/ruff format --check core backends stores tests examples bench
 
 # mypy cannot follow the editable install's package-dir mapping, so it checks a plain copy.
 typecheck: venv
