@@ -21,6 +21,8 @@ import threading
 import tomllib
 import types
 import typing
+import urllib.error
+import urllib.request
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from ipaddress import IPv4Address, IPv4Network
@@ -446,6 +448,41 @@ def release(subnet: IPv4Network) -> None:
     finally:
         store.close()
     click.echo(f"released {subnet} (was {lease.attrs.public_ip})")
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+def status(as_json: bool) -> None:
+    """This host's daemon: lease, readiness, peers programmed, store health (via --healthz-port)."""
+    params = _params()
+    port = params["healthz_port"]
+    if not port:
+        raise UserError("status asks the running daemon: pass the --healthz-port it was started with")
+    base = f"http://{params['healthz_ip']}:{port}"
+    try:
+        with urllib.request.urlopen(f"{base}/status", timeout=5) as response:
+            doc = json.loads(response.read())
+    except (OSError, ValueError) as exc:
+        raise OverlaydError(f"no overlayd daemon answers on {base} ({exc})") from exc
+    ready = _probe(f"{base}/readyz")
+    doc["ready"] = ready
+    if as_json:
+        click.echo(json.dumps(doc, indent=2))
+        return
+    click.echo(f"lease:            {doc['lease_subnet']} (expires {doc['lease_expiration'] or 'never: reserved'})")
+    click.echo(f"ready:            {ready}")
+    click.echo(f"peers programmed: {doc['peers_programmed']}")
+    click.echo(f"store healthy:    {doc['store_healthy']}")
+    if doc.get("last_error"):
+        click.echo(f"last error:       {doc['last_error']}")
+
+
+def _probe(url: str) -> str:
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return str(response.read().decode().strip())
+    except urllib.error.HTTPError as exc:
+        return f"no: {exc.read().decode().strip()}"
 
 
 # -- plugins -----------------------------------------------------------------------------------

@@ -123,3 +123,43 @@ def test_release_deletes_a_lease_but_not_a_reservation(db: Path) -> None:
     assert result.returncode == 0 and "was 192.0.2.5" in result.stdout
     left = json.loads(run("leases", "--json", path=db).stdout)["leases"]
     assert [x["subnet"] for x in left] == ["10.244.9.0/24"]
+
+
+def test_daemon_run_with_a_third_party_backend_configured_by_flag_and_env(tmp_path: Path) -> None:
+    """`overlayd run` as a process, the example routes-file backend's option given as a flag for one
+    host and as OVERLAYD_ROUTES_FILE_PATH for the other; each writes the other's route."""
+    import signal
+    import time
+
+    db = tmp_path / "store.db"
+    hosts = []
+    for name, ip, how in (("a", "192.0.2.1", "flag"), ("b", "192.0.2.2", "env")):
+        routes = tmp_path / f"{name}.json"
+        args = ["--backend", "routes-file", "--network", "10.40.0.0/16", "--iface", "lo", "--public-ip", ip,
+                "--subnet-file", str(tmp_path / f"{name}.env"), "--resync-period", "0.5"]  # fmt: skip
+        env = {k: v for k, v in os.environ.items() if not k.startswith("OVERLAYD_")}
+        env["OVERLAYD_EMBEDDED_PATH"] = str(db)
+        if how == "flag":
+            args += ["--routes-file-path", str(routes)]
+        else:
+            env["OVERLAYD_ROUTES_FILE_PATH"] = str(routes)
+        proc = subprocess.Popen([*OVERLAYD, *args, "run"], env=env, stderr=subprocess.PIPE, text=True)
+        hosts.append((proc, routes, ip))
+    try:
+        deadline = time.monotonic() + 20
+        want = {"a": "192.0.2.2", "b": "192.0.2.1"}
+        got: dict[str, list[str]] = {}
+        while time.monotonic() < deadline:
+            got = {}
+            for (_, routes, _), name in zip(hosts, "ab", strict=True):
+                if routes.exists():
+                    got[name] = [row["via"] for row in json.loads(routes.read_text())]
+            if got == {k: [v] for k, v in want.items()}:
+                break
+            time.sleep(0.1)
+        assert got == {k: [v] for k, v in want.items()}
+    finally:
+        for proc, _, _ in hosts:
+            proc.send_signal(signal.SIGTERM)
+        for proc, _, _ in hosts:
+            assert proc.wait(10) == 0, proc.stderr.read() if proc.stderr else ""

@@ -176,3 +176,67 @@ def test_contradicting_backend_flag_is_refused(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="contradicts the stored network config"):
         host.daemon.run(threading.Event())
     assert not host.subnet_file.exists()
+
+
+def test_health_endpoints_and_status_command(tmp_path: Path) -> None:
+    import socket
+    import subprocess
+    import sys
+    import urllib.error
+    import urllib.request
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    host = Host(tmp_path, "h", "192.0.2.1", tmp_path / "s.db", healthz_port=port)
+
+    def get(path: str) -> tuple[int, str]:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as response:
+                return response.status, response.read().decode().strip()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read().decode().strip()
+
+    host.start()
+    wait_for(lambda: get("/readyz") == (200, "ready"), what="ready")
+    assert get("/healthz") == (200, "ok")
+    assert get("/nope")[0] == 404
+    status = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "from overlayd.cli import main; main()",
+            "--healthz-port",
+            str(port),
+            "status",
+            "--json",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    doc = json.loads(status.stdout)
+    assert doc["lease_subnet"] == host.subnet and doc["ready"] == "ready" and doc["store_healthy"] is True
+    host.halt()
+    down = subprocess.run(
+        [sys.executable, "-c", "from overlayd.cli import main; main()", "--healthz-port", str(port), "status"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert down.returncode == 1 and "no overlayd daemon answers" in down.stderr
+
+
+def test_not_ready_until_a_lease_is_held() -> None:
+    from overlayd.health import DaemonStatus
+
+    status = DaemonStatus()
+    assert status.ready() == (False, "no lease held")
+    status.lease_subnet = "10.30.1.0/24"
+    assert status.ready() == (False, "subnet file not written")
+    status.subnet_file_written = True
+    assert status.ready() == (False, "first reconcile not done")
+    status.first_reconcile_done = True
+    status.last_reconcile = time.monotonic() - 100
+    assert status.ready() == (True, "ready")
+    assert status.alive() == (False, "last reconcile 100s ago")
