@@ -85,9 +85,8 @@ def main() -> None:
         print(f"underlay (host -> host):           median {u / 1e9:.2f} Gbit/s  {[round(x / 1e9, 2) for x in under]}")
         print(f"overlay  (container -> container): median {o / 1e9:.2f} Gbit/s  {[round(x / 1e9, 2) for x in over]}")
         print(f"overlay / underlay throughput:     {o / u:.2f}")
-        print(
-            f"ping RTT (50 x 10 ms): underlay {rtt_under:.3f} ms, overlay {rtt_over:.3f} ms (+{rtt_over - rtt_under:.3f} ms)"
-        )
+        extra = rtt_over - rtt_under
+        print(f"ping RTT (50 x 10 ms): underlay {rtt_under:.3f} ms, overlay {rtt_over:.3f} ms (+{extra:.3f} ms)")
     finally:
         cluster.cleanup()
 
