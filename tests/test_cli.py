@@ -163,3 +163,23 @@ def test_daemon_run_with_a_third_party_backend_configured_by_flag_and_env(tmp_pa
             proc.send_signal(signal.SIGTERM)
         for proc, _, _ in hosts:
             assert proc.wait(10) == 0, proc.stderr.read() if proc.stderr else ""
+
+
+@pytest.mark.etcd
+def test_cli_against_real_etcd_writes_what_etcdctl_reads() -> None:
+    from overlayd.testing.etcd import EtcdServer
+
+    with EtcdServer() as etcd:
+        store = ("--store", "etcd", "--etcd-endpoints", etcd.endpoint)
+        assert run(*store, "network", "init", "--network", "10.244.0.0/16").returncode == 0
+        assert json.loads(run(*store, "network", "show").stdout)["Network"] == "10.244.0.0/16"
+        assert run(*store, "reserve", "10.244.9.0/24", "192.0.2.9").returncode == 0
+        table = run(*store, "leases").stdout
+        assert "10.244.9.0/24" in table and "never (reserved)" in table
+        config = json.loads(etcd.etcdctl("get", "--print-value-only", "/coreos.com/network/config"))
+        assert config["Network"] == "10.244.0.0/16" and config["Backend"] == {"Type": "vxlan"}
+        value = etcd.etcdctl("get", "--print-value-only", "/coreos.com/network/subnets/10.244.9.0-24").strip()
+        assert value == '{"PublicIP":"192.0.2.9","PublicIPv6":null,"BackendType":"","BackendData":null}'
+        assert run(*store, "unreserve", "10.244.9.0/24").returncode == 0
+        assert json.loads(run(*store, "leases", "--json").stdout)["leases"] == []
+        assert_user_error(run("--store", "etcd", "--etcd-endpoints", "ftp://x", "leases"), "etcd")
