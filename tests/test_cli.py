@@ -183,3 +183,19 @@ def test_cli_against_real_etcd_writes_what_etcdctl_reads() -> None:
         assert run(*store, "unreserve", "10.244.9.0/24").returncode == 0
         assert json.loads(run(*store, "leases", "--json").stdout)["leases"] == []
         assert_user_error(run("--store", "etcd", "--etcd-endpoints", "ftp://x", "leases"), "etcd")
+
+
+def test_plugin_missing_its_optional_dependency_gets_a_pip_hint(tmp_path: Path) -> None:
+    """A plugin whose client library is not installed: exit 2 with the extra to install."""
+    dist = tmp_path / "fakeconsul-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: fakeconsul\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text("[overlayd.stores]\nfake-consul = fakeconsul:Store\n")
+    (tmp_path / "fakeconsul.py").write_text("import consul  # not installed on purpose\n")
+    env = {"PYTHONPATH": str(tmp_path)}
+    assert_user_error(
+        run("--store", "fake-consul", "leases", env=env),
+        "store 'fake-consul' needs the Python package 'consul'; install it with: pip install 'overlayd[consul]'",
+    )
+    listing = run("plugins", env=env)
+    assert listing.returncode == 0 and "fake-consul  (unavailable: store 'fake-consul' needs" in listing.stdout
