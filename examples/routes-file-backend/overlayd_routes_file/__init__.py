@@ -51,7 +51,7 @@ class RoutesFileNetwork(Network):
         return {"RoutesFile": self._path}
 
     def desired_state(self, own: Lease, peers: Sequence[Lease]) -> frozenset[Any]:
-        return frozenset(FileRoute(str(p.subnet), str(p.attrs.public_ip)) for p in peers)
+        return frozenset(FileRoute(str(p.subnet), str(p.attrs.public_ip)) for p in peers if p.key != own.key)
 
     def actual_state(self) -> frozenset[Any]:
         try:
