@@ -12,6 +12,7 @@ other overlayd error is one line and exit code 1; only a bug shows a traceback.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import json
 import logging
@@ -23,7 +24,7 @@ import types
 import typing
 import urllib.error
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime, timedelta
 from ipaddress import IPv4Address, IPv4Network
 from typing import Any
@@ -242,6 +243,16 @@ def _store_from_params(params: dict[str, Any]) -> Store:
     return open_store(name, **plugin_options(params, name, cls))
 
 
+@contextlib.contextmanager
+def _opened_store() -> Iterator[Store]:
+    """The store the global options name, closed afterwards."""
+    store = _store_from_params(_params())
+    try:
+        yield store
+    finally:
+        store.close()
+
+
 def settings_from_params(params: dict[str, Any]) -> DaemonSettings:
     store_cls = store_class(params["store"])
     backend_options: dict[str, Any] = {}
@@ -317,22 +328,16 @@ def network_init(
             doc["SubnetLen"] = subnet_len_opt or params["subnet_len"]
         config = NetworkConfig.from_dict(doc)
     backend_class(config.backend_type)  # an unknown backend is a user error now, not at start-up
-    store = _store_from_params(params)
-    try:
+    with _opened_store() as store:
         write_network_config(store, config, force=force)
-    finally:
-        store.close()
     click.echo(config.to_json())
 
 
 @network.command("show")
 def network_show() -> None:
     """Print the network config stored in the store."""
-    store = _store_from_params(_params())
-    try:
+    with _opened_store() as store:
         raw = store.get_config()
-    finally:
-        store.close()
     if raw is None:
         raise UserError("the store has no network config; create one with 'overlayd network init --network CIDR'")
     click.echo(NetworkConfig.from_json(raw).to_json())
@@ -366,11 +371,8 @@ def _expires_in(lease: Lease) -> str:
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 def leases(as_json: bool) -> None:
     """List every lease and reservation."""
-    store = _store_from_params(_params())
-    try:
+    with _opened_store() as store:
         snapshot = store.list_leases()
-    finally:
-        store.close()
     rows = sorted(snapshot.leases, key=lambda x: (x.subnet is None, x.subnet or IPv4Network("0.0.0.0/0")))
     if as_json:
         click.echo(json.dumps({"revision": snapshot.revision, "leases": [lease_row(x) for x in rows]}, indent=2))
@@ -405,8 +407,7 @@ def _ip_arg(ctx: click.Context, param: click.Parameter, value: str) -> IPv4Addre
 @click.argument("public_ip", callback=_ip_arg)
 def reserve(subnet: IPv4Network, public_ip: IPv4Address) -> None:
     """Reserve SUBNET for the host with PUBLIC_IP (never expires, never given to another host)."""
-    store = _store_from_params(_params())
-    try:
+    with _opened_store() as store:
         raw = store.get_config()
         if raw is not None:
             config = NetworkConfig.from_json(raw)
@@ -416,8 +417,6 @@ def reserve(subnet: IPv4Network, public_ip: IPv4Address) -> None:
                     f"{config.subnet_max} of network {config.network}"
                 )
         store.reserve(subnet, public_ip)
-    finally:
-        store.close()
     click.echo(f"reserved {subnet} for {public_ip}")
 
 
@@ -425,11 +424,8 @@ def reserve(subnet: IPv4Network, public_ip: IPv4Address) -> None:
 @click.argument("subnet", callback=_subnet_arg)
 def unreserve(subnet: IPv4Network) -> None:
     """Remove the reservation of SUBNET."""
-    store = _store_from_params(_params())
-    try:
+    with _opened_store() as store:
         store.unreserve(subnet)
-    finally:
-        store.close()
     click.echo(f"unreserved {subnet}")
 
 
@@ -437,16 +433,13 @@ def unreserve(subnet: IPv4Network) -> None:
 @click.argument("subnet", callback=_subnet_arg)
 def release(subnet: IPv4Network) -> None:
     """Delete the lease of SUBNET (e.g. a dead host's); its peers remove their routes to it."""
-    store = _store_from_params(_params())
-    try:
+    with _opened_store() as store:
         lease = next((x for x in store.list_leases().leases if x.subnet == subnet), None)
         if lease is None:
             raise UserError(f"no lease for {subnet}; 'overlayd leases' lists them")
         if lease.is_reservation:
             raise UserError(f"{subnet} is a reservation; remove it with 'overlayd unreserve {subnet}'")
         store.delete_lease(lease)
-    finally:
-        store.close()
     click.echo(f"released {subnet} (was {lease.attrs.public_ip})")
 
 

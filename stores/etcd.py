@@ -262,10 +262,10 @@ class EtcdStore(Store):
             self._clients.setdefault(index, client)
             return self._clients[index]
 
-    def _connect(self, endpoint: _Endpoint) -> etcd3.Etcd3Client:
+    def _connect(self, endpoint: _Endpoint, auth: bool = True) -> etcd3.Etcd3Client:
         options = self.options
-        user = options.username or None
-        password = options.password or None
+        user = (options.username or None) if auth else None
+        password = (options.password or None) if auth else None
         try:
             client = etcd3.client(
                 endpoint.host,
@@ -285,25 +285,13 @@ class EtcdStore(Store):
             detail = _details(error)
             if "authentication is not enabled" in detail:
                 log.warning("etcd at %s has auth disabled; ignoring --etcd-username", endpoint.url)
-                return self._connect_plain(endpoint)
+                return self._connect(endpoint, auth=False)
             self._raise_permanent(error, endpoint.url)
             raise _Unavailable(endpoint.url, detail) from exc
         # python-etcd3 attaches the token twice: as metadata and as call credentials, which gRPC
         # refuses to send over a plain channel.  The metadata alone is what etcd reads.
         client.call_credentials = None
         return client
-
-    def _connect_plain(self, endpoint: _Endpoint) -> etcd3.Etcd3Client:
-        options = self.options
-        return etcd3.client(
-            endpoint.host,
-            endpoint.port,
-            ca_cert=options.cafile or None,
-            cert_key=options.keyfile or None,
-            cert_cert=options.certfile or None,
-            timeout=REQUEST_TIMEOUT,
-            grpc_options=_GRPC_OPTIONS,
-        )
 
     def _drop(self, index: int) -> None:
         with self._lock:
