@@ -18,10 +18,10 @@ def embedded_store_args(cluster: topo.Cluster) -> list[str]:
     return ["--embedded-path", str(store_path(cluster))]
 
 
-def embedded_args(cluster: topo.Cluster, *extra: str) -> list[str]:
-    """Daemon options on the default store."""
+def daemon_args(store_args: list[str], *extra: str) -> list[str]:
+    """Daemon options for the e2e clusters, on the store *store_args* name."""
     return [
-        *embedded_store_args(cluster),
+        *store_args,
         "--backend", "vxlan",
         "--network", NETWORK,
         "--healthz-port", "0",
@@ -29,6 +29,11 @@ def embedded_args(cluster: topo.Cluster, *extra: str) -> list[str]:
         "--log-level", "debug",
         *extra,
     ]  # fmt: skip
+
+
+def embedded_args(cluster: topo.Cluster, *extra: str) -> list[str]:
+    """Daemon options on the default store."""
+    return daemon_args(embedded_store_args(cluster), *extra)
 
 
 def store_path(cluster: topo.Cluster) -> Path:

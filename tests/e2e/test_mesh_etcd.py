@@ -17,11 +17,10 @@ import pytest
 from overlayd import _topology as topo
 
 from ._mesh import (
-    NETWORK,
-    RESYNC,
     assert_full_mesh,
     background_ping,
     bring_up,
+    daemon_args,
     ping_counts,
     subnets,
     wait_full_mesh_routes,
@@ -46,14 +45,7 @@ def etcd_store_args(cluster: topo.Cluster) -> list[str]:
 
 
 def etcd_args(cluster: topo.Cluster) -> list[str]:
-    return [
-        *etcd_store_args(cluster),
-        "--backend", "vxlan",
-        "--network", NETWORK,
-        "--healthz-port", "0",
-        "--resync-period", str(RESYNC),
-        "--log-level", "debug",
-    ]  # fmt: skip
+    return daemon_args(etcd_store_args(cluster))
 
 
 def stored_leases(cluster: topo.Cluster) -> dict[str, dict[str, object]]:
