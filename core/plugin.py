@@ -96,8 +96,15 @@ class Plugin(abc.ABC):
 class Store(Plugin):
     """Where the network config and the leases live."""
 
-    lease_ttl: timedelta = timedelta(hours=24)
-    renew_margin: timedelta = timedelta(hours=1)
+    @property
+    def lease_ttl(self) -> timedelta:
+        """Lifetime of a new or renewed lease: the store's ``ttl`` option, else 24 h."""
+        return getattr(self.options, "ttl", None) or timedelta(hours=24)
+
+    @property
+    def renew_margin(self) -> timedelta:
+        """Renew when less than this is left: the store's ``renew_margin`` option, else 1 h."""
+        return getattr(self.options, "renew_margin", None) or timedelta(hours=1)
 
     # -- network config ---------------------------------------------------------------------
 

@@ -86,8 +86,6 @@ class EmbeddedStore(Store):
 
     def __init__(self, options: EmbeddedOptions) -> None:
         super().__init__(options)
-        self.lease_ttl = options.ttl
-        self.renew_margin = options.renew_margin
         self._lock = threading.RLock()
         self._last_sweep = 0.0
         directory = os.path.dirname(os.path.abspath(options.path))

@@ -207,8 +207,6 @@ class EtcdStore(Store):
 
     def __init__(self, options: EtcdOptions) -> None:
         super().__init__(options)
-        self.lease_ttl = options.ttl
-        self.renew_margin = options.renew_margin
         if not options.endpoints:
             raise UserError("no etcd endpoints given; pass --etcd-endpoints http://HOST:2379")
         self._endpoints = [_parse_endpoint(url) for url in options.endpoints]
