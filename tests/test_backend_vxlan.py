@@ -79,7 +79,7 @@ def test_plan_desired_state_and_second_pass_empty() -> None:
         Route(IPv4Network("10.44.3.0/24"), "flannel.1", IPv4Address("10.44.3.0"), onlink=True),
     }
     first = planmod.diff(desired, frozenset())
-    after = planmod.apply_plan(frozenset(), first)
+    after = planmod.simulate(frozenset(), first)
     assert planmod.diff(desired, after).empty
     # a peer's VTEP MAC changes: neighbour replaced in place, old FDB entry removed
     moved = attrs.evolve(PEER_B, attrs=attrs.evolve(PEER_B.attrs, backend_data={"VNI": 1, "VtepMAC": MAC_C}))
