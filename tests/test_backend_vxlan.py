@@ -403,6 +403,26 @@ def test_deleted_device_is_recreated_with_same_mac(host: Host) -> None:
     assert our_routes(host.ns) == VXLAN_B and fdb(host.ns) == {(MAC_B, "192.0.2.2")}
 
 
+@pytest.mark.root
+def test_copycat_vtep_mac_does_not_take_host1s_traffic(host: Host) -> None:
+    """Issue 10 item 4 on the real kernel: host 1's FDB entry survives a lease copying its MAC."""
+    from overlayd.peers import valid_peers
+
+    net = up(host)
+    own = lease(str(OWN_SUBNET), "192.0.2.1", mac=str(net.mac))  # what this host publishes
+    host1 = attrs.evolve(PEER_B, created_revision=5)
+    copycat = attrs.evolve(lease("10.44.10.0/24", "198.51.100.9", MAC_B), created_revision=9, revision=9)
+    thief = attrs.evolve(lease("10.44.11.0/24", "198.51.100.10", str(net.mac)), created_revision=1)
+    reports: list[tuple[str, int, str]] = []
+    for seen in ([host1], [host1, copycat, thief]):  # the copycats appear after host 1 was programmed
+        peers = valid_peers(CONFIG, net, own, seen, lambda *r: reports.append(r))
+        reconcile(host, net, peers, own=own)
+    assert fdb(host.ns) == {(MAC_B, "192.0.2.2")}
+    assert our_routes(host.ns) == VXLAN_B
+    assert str(net.mac) not in {mac for mac, _ in fdb(host.ns)}
+    assert sorted(key for key, _, _ in reports) == [copycat.key, thief.key]
+
+
 def _counters(ns: str) -> tuple[int, int]:
     stats = ip_json(ns, "-s", "link", "show", "flannel.1")[0]["stats64"]
     return stats["tx"]["packets"], stats["rx"]["packets"]
