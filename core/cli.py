@@ -24,7 +24,7 @@ import types
 import typing
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from datetime import UTC, datetime, timedelta
 from ipaddress import IPv4Address, IPv4Network
 from typing import Any
@@ -38,7 +38,7 @@ from .daemon import DaemonSettings
 from .daemon import run as run_daemon
 from .errors import ConfigError, OverlaydError, UserError
 from .model import Lease
-from .plugin import Plugin, Store
+from .plugin import Backend, Plugin, Store
 
 log = logging.getLogger(__name__)
 
@@ -377,15 +377,35 @@ def leases(as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps({"revision": snapshot.revision, "leases": [lease_row(x) for x in rows]}, indent=2))
         return
-    table = [("SUBNET", "PUBLIC IP", "BACKEND", "MAC", "EXPIRES")]
-    for lease in rows:
-        mac = str(lease.attrs.backend_data.get("VtepMAC", "-"))
-        table.append(
-            (str(lease.subnet), str(lease.attrs.public_ip), lease.attrs.backend_type or "-", mac, _expires_in(lease))
-        )
+    describe = _describer()
+    details = [describe(lease) for lease in rows]
+    columns = list(dict.fromkeys(key for detail in details for key in detail))  # from the backends
+    table = [("SUBNET", "PUBLIC IP", "BACKEND", *(c.upper() for c in columns), "EXPIRES")]
+    for lease, detail in zip(rows, details, strict=True):
+        extra = (detail.get(c, "-") for c in columns)
+        table.append((str(lease.subnet), str(lease.attrs.public_ip), lease.attrs.backend_type or "-", *extra,
+                      _expires_in(lease)))  # fmt: skip
     widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
     for row in table:
         click.echo("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+
+
+def _describer() -> Callable[[Lease], Mapping[str, str]]:
+    """A lease's backend's own columns (``Backend.describe``), each backend class loaded once;
+    none for a backend that is not installed here."""
+    classes: dict[str, type[Backend] | None] = {}
+
+    def describe(lease: Lease) -> Mapping[str, str]:
+        name = lease.attrs.backend_type
+        if name not in classes:
+            try:
+                classes[name] = backend_class(name) if name else None
+            except OverlaydError:
+                classes[name] = None
+        cls = classes[name]
+        return cls.describe(lease) if cls is not None else {}
+
+    return describe
 
 
 def _subnet_arg(ctx: click.Context, param: click.Parameter, value: str) -> IPv4Network:

@@ -158,6 +158,14 @@ def test_mtu_above_the_underlay_limit_is_a_config_error() -> None:
     assert VxlanBackend(VxlanOptions(mtu=1450)).offline(CONFIG, host, OWN).mtu == 1450
 
 
+def test_describe_gives_the_vtep_mac_column() -> None:
+    from overlayd.backends.alloc import AllocBackend
+
+    assert VxlanBackend.describe(PEER_B) == {"VtepMAC": MAC_B}
+    assert VxlanBackend.describe(lease("10.44.2.0/24", "192.0.2.2", mac=None)) == {"VtepMAC": "-"}
+    assert AllocBackend.describe(PEER_B) == {}
+
+
 def test_derived_mac_is_stable_unicast_and_local() -> None:
     mac = derived_mac(1, IPv4Address("192.0.2.1"))
     assert mac == derived_mac(1, IPv4Address("192.0.2.1")) != derived_mac(1, IPv4Address("192.0.2.2"))
