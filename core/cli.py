@@ -38,6 +38,7 @@ from .daemon import DaemonSettings
 from .daemon import run as run_daemon
 from .errors import ConfigError, OverlaydError, UserError
 from .model import Lease
+from .peers import public_ip_problem
 from .plugin import Backend, Plugin, Store
 
 log = logging.getLogger(__name__)
@@ -417,9 +418,13 @@ def _subnet_arg(ctx: click.Context, param: click.Parameter, value: str) -> IPv4N
 
 def _ip_arg(ctx: click.Context, param: click.Parameter, value: str) -> IPv4Address:
     try:
-        return IPv4Address(value)
+        ip = IPv4Address(value)
     except ValueError as exc:
         raise click.BadParameter(f"{value!r} is not an IPv4 address", ctx, param) from exc
+    problem = public_ip_problem(ip)
+    if problem is not None:
+        raise click.BadParameter(f"{ip} {problem}; give the host's own underlay address", ctx, param)
+    return ip
 
 
 @cli.command()
@@ -436,6 +441,9 @@ def reserve(subnet: IPv4Network, public_ip: IPv4Address) -> None:
                     f"{subnet} is not a /{config.subnet_len} subnet between {config.subnet_min} and "
                     f"{config.subnet_max} of network {config.network}"
                 )
+            problem = public_ip_problem(public_ip, config.network)
+            if problem is not None:
+                raise UserError(f"PUBLIC_IP {public_ip} {problem}")
         store.reserve(subnet, public_ip)
     click.echo(f"reserved {subnet} for {public_ip}")
 

@@ -38,7 +38,7 @@ from .errors import HistoryGone, LeaseLost, OverlaydError, TransientError, UserE
 from .health import DaemonStatus, HealthServer
 from .hostiface import select_host
 from .model import Lease, LeaseAttrs, LeaseList
-from .peers import valid_peers
+from .peers import public_ip_problem, valid_peers
 from .plugin import Backend, HostInfo, Network, Store
 from .subnetfile import SubnetFile, previous_subnet, write_subnet_file
 
@@ -169,6 +169,10 @@ class Daemon:
                 if stop.wait(backoff.next()):
                     return False
         assert self.config is not None
+        ip = self.host.public_ip
+        problem = public_ip_problem(ip, self.config.network) if ip is not None else None
+        if problem is not None:
+            raise UserError(f"public IP {ip} {problem}; pass --public-ip or --iface")
         backend = self._backend or load_backend(self.config.backend_type, **dict(settings.backend_options))
         self.network = backend.prepare(self.config, self.host)
         try:

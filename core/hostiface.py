@@ -19,6 +19,7 @@ import attrs
 
 from . import netlink
 from .errors import KernelError, UserError
+from .peers import public_ip_problem
 from .plugin import HostInfo
 
 
@@ -61,6 +62,9 @@ def select_host(
             pinned = IPv4Address(public_ip)
         except ValueError as exc:
             raise UserError(f"--public-ip {public_ip!r} is not an IPv4 address") from exc
+        problem = public_ip_problem(pinned)
+        if problem is not None:
+            raise UserError(f"--public-ip {pinned} {problem}; peers could not reach this host there")
     with netlink.iproute() as ipr:
         all_ifaces = _interfaces(ipr)
         by_name = {i.name: i for i in all_ifaces}

@@ -258,3 +258,31 @@ def test_resolve_claims_is_generic() -> None:
     winners, losers = resolve_claims(OWN, [a, b, c], claims)
     assert winners == [c] and [x.key for x, _ in losers] == [b.key, a.key]
     assert "Token t is already claimed by the older lease 10.44.2.0-24" in losers[0][1]
+
+
+# -- the CLI refuses to create such leases ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("reserve", "10.44.7.0/24", "0.0.0.0"), "Invalid value for 'PUBLIC_IP': 0.0.0.0 is the unspecified address"),
+        (("reserve", "10.44.7.0/24", "127.0.0.1"), "127.0.0.1 is a loopback address"),
+        (("reserve", "10.44.7.0/24", "10.44.9.9"), "PUBLIC_IP 10.44.9.9 is inside the overlay network 10.44.0.0/16"),
+        (("--public-ip", "255.255.255.255", "run"), "--public-ip 255.255.255.255 is the broadcast address"),
+    ],
+)
+def test_cli_refuses_impossible_public_ips(tmp_path: Any, args: tuple[str, ...], message: str) -> None:
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OVERLAYD_")}
+    env["OVERLAYD_EMBEDDED_PATH"] = str(tmp_path / "s.db")
+    cli = [sys.executable, "-c", "from overlayd.cli import main; main()"]
+    init = subprocess.run([*cli, "network", "init", "--network", "10.44.0.0/16"], env=env, capture_output=True)
+    assert init.returncode == 0
+    result = subprocess.run([*cli, *args], env=env, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2, result
+    assert message in result.stderr and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
