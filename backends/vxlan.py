@@ -15,9 +15,9 @@ Design history (flannel's ``backend/vxlan/vxlan.go`` explains the same choices a
   ``prepare`` before the lease is acquired: a peer never sees a lease without a VtepMAC.
 * The device keeps its MAC across restarts because a compatible existing device is kept, not
   recreated (flannel's ``ensureLink``).  When the device must be created (first start, reboot),
-  its MAC is, in order: the ``mac`` given to :meth:`VxlanBackend.prepare`, the backend's
-  ``preferred_mac`` (the daemon may set it from a persisted value or its previous lease's
-  BackendData), or a MAC derived from (VNI, local underlay IP).  The derived MAC is stable across
+  its MAC is the ``mac`` given to :meth:`VxlanBackend.prepare` (a tool embedding the backend
+  may pass a persisted one), else a MAC derived from (VNI, local underlay IP), which is what the
+  daemon uses: nothing needs persisting.  The derived MAC is stable across
   reboots with no state at all, so peers' neighbour/FDB entries stay right even before they see
   the renewed lease; the kernel's random MAC (or systemd-udev's "persistent" policy) would not be.
 * An incompatible device (different VNI, local address, underlay link, port, GBP, learning) is
@@ -340,12 +340,6 @@ class VxlanBackend(Backend):
         data = lease.attrs.backend_data or {}
         return {"VtepMAC": str(data.get("VtepMAC") or "-")}
 
-    def __init__(self, options: Any) -> None:
-        super().__init__(options)
-        #: MAC for a newly created device (e.g. persisted by the daemon); an existing compatible
-        #: device keeps its own.  None: derive a stable one from (VNI, local IP).
-        self.preferred_mac: str | MacAddress | None = None
-
     def _spec(self, config: NetworkConfig, host: HostInfo) -> tuple[VxlanSettings, DeviceSpec]:
         settings = VxlanSettings.validated(self.effective_options(config))
         local = host.iface_addr or host.public_ip or host.public_ipv6
@@ -380,18 +374,16 @@ class VxlanBackend(Backend):
             mac = MacAddress.parse((own.attrs.backend_data or {}).get("VtepMAC"))
         except ValueError:
             mac = derived_mac(spec.vni, spec.local)
-        connected: frozenset[IPv4Network] = frozenset()
-        if settings.direct_routing and host.iface_index > 0:
-            with netlink.iproute() as ipr:
-                connected = netlink.connected_networks(ipr, host.iface_index)
-        return VxlanNetwork(settings, host, spec, mac, connected, offline=True)
+        network = VxlanNetwork(settings, host, spec, mac, frozenset(), offline=True)
+        if settings.direct_routing:
+            network.refresh_connected()  # reads the kernel, changes nothing
+        return network
 
     def prepare(self, config: NetworkConfig, host: HostInfo, *, mac: str | MacAddress | None = None) -> Network:
         settings, spec = self._spec(config, host)
         local = spec.local
         try:
-            chosen = mac if mac is not None else self.preferred_mac
-            wanted = MacAddress.parse(chosen) if chosen is not None else None
+            wanted = MacAddress.parse(mac) if mac is not None else None
         except ValueError as exc:
             raise ConfigError(f"vxlan: {exc}") from exc
         with netlink.iproute() as ipr:

@@ -378,7 +378,7 @@ def test_compatible_device_kept_with_its_mac(host: Host) -> None:
 
 
 @pytest.mark.root
-def test_preferred_mac_used_on_creation(host: Host) -> None:
+def test_given_mac_used_on_creation(host: Host) -> None:
     net = prepare(host, mac="0A:00:00:00:00:99")
     assert net.created
     assert device(host.ns)["address"] == "0a:00:00:00:00:99" == net.backend_data["VtepMAC"]
