@@ -77,6 +77,8 @@ class LeaseAttrs:
 def _optional_ip(raw: Any, version: int, name: str) -> Any:
     if raw in (None, ""):
         return None
+    if not isinstance(raw, str):  # ip_address(3232235777) would happily make 192.168.1.1 of a number
+        raise GarbledLease(f"{name} {raw!r} is not an IP address string")
     try:
         addr = ipaddress.ip_address(raw)
     except (ValueError, TypeError) as exc:
@@ -99,6 +101,7 @@ class Lease:
     expiration: datetime | None
     ipv6_subnet: IPv6Network | None = None
     revision: int = 0
+    created_revision: int = 0  # store revision at which the key was created (older lease wins ties)
 
     @property
     def is_reservation(self) -> bool:
