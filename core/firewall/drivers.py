@@ -70,7 +70,7 @@ class NftablesFirewall(Firewall):
 
     name = "nftables"
 
-    def __init__(self) -> None:
+    def __init__(self, library: str = "libnftables.so.1") -> None:
         try:
             import nftables  # type: ignore[import-untyped]  # pip-nftables ships no type hints
         except ImportError as exc:
@@ -79,7 +79,7 @@ class NftablesFirewall(Firewall):
                 "(or choose --firewall iptables)"
             ) from exc
         try:
-            self._nft: Any = nftables.Nftables()
+            self._nft: Any = nftables.Nftables(sofile=library)
         except OSError as exc:
             raise FirewallUnavailable(
                 f"--firewall nftables needs libnftables ({exc}): apt-get install libnftables1 "
