@@ -237,7 +237,7 @@ def nft_objects(rs: RuleSet) -> list[dict[str, Any]]:
             "type": "ipv4_addr" if fam == "ip" else "ipv6_addr",
         }
         if rs.allowed_sources:
-            peer_set["elem"] = [str(a) for a in sorted(rs.allowed_sources)]  # type: ignore[type-var]
+            peer_set["elem"] = [str(a) for a in sorted(rs.allowed_sources)]
         objects.append({"set": peer_set})
     chains = list(_nft_chains(rs))
     for chain, _ in chains:
@@ -350,7 +350,7 @@ def iptables_tables(rs: RuleSet) -> dict[str, IptablesTable]:
         jumps.add(("FORWARD", f"-j {CHAIN_FWD}"))
     if rs.overlay_port is not None:
         bits = 32 if rs.family == "ip" else 128
-        allow = tuple(f"-s {a}/{bits} -j RETURN" for a in sorted(rs.allowed_sources))  # type: ignore[type-var]
+        allow = tuple(f"-s {a}/{bits} -j RETURN" for a in sorted(rs.allowed_sources))
         chains[CHAIN_OVERLAY_IN] = (*allow, "-j DROP")
         jumps.add(("INPUT", f"-p udp -m udp --dport {rs.overlay_port} -j {CHAIN_OVERLAY_IN}"))
     out["filter"] = IptablesTable(chains=chains, jumps=frozenset(jumps))
