@@ -63,22 +63,23 @@ def nft_ruleset(ns: str, *extra: str) -> Any:
     return json.loads(run(ns, "nft", "-j", *extra, "list", "ruleset").stdout)
 
 
-def ours_nft(ns: str) -> list[dict[str, Any]]:
-    out = run(ns, "nft", "-j", "list", "table", "ip", "overlayd", check=False)
+def ours_nft(ns: str, family: str = "ip") -> list[dict[str, Any]]:
+    out = run(ns, "nft", "-j", "list", "table", family, "overlayd", check=False)
     return nft_normalise(json.loads(out.stdout)) if out.returncode == 0 else []
 
 
-def ours_ipt(ns: str) -> dict[str, Any]:
-    return {t: iptables_parse(run(ns, "iptables-save", "-t", t).stdout) for t in ("nat", "filter")}
+def ours_ipt(ns: str, family: str = "ip") -> dict[str, Any]:
+    save = "iptables-save" if family == "ip" else "ip6tables-save"
+    return {t: iptables_parse(run(ns, save, "-t", t).stdout) for t in ("nat", "filter")}
 
 
 def assert_matches(ns: str, kind: str, rs: dict[str, Any]) -> None:
     """The kernel holds exactly the rendering of *rs* (order included), read back independently."""
     want = RuleSet(**rs)
     if kind == "nftables":
-        assert ours_nft(ns) == nft_objects(want)
+        assert ours_nft(ns, want.family) == nft_objects(want)
     else:
-        actual, desired = ours_ipt(ns), iptables_tables(want)
+        actual, desired = ours_ipt(ns, want.family), iptables_tables(want)
         for table in ("nat", "filter"):
             assert actual[table].chains == desired[table].chains, table
             assert actual[table].jumps == desired[table].jumps, table
@@ -96,6 +97,24 @@ def test_ensure_creates_rules_and_a_second_ensure_is_no_transaction(netns: str, 
     before = nft_ruleset(netns, "-a")  # with handles: any transaction would renumber them
     assert fw(netns, kind, "ensure", **base()) is False
     assert nft_ruleset(netns, "-a") == before
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_ipv6_rules_live_beside_the_ipv4_ones(netns: str, kind: str) -> None:
+    v6 = {
+        "network": "fd10:244::/56",
+        "subnet": "fd10:244:0:1::/64",
+        "ip_masq": True,
+        "overlay_port": 8472,
+        "allowed_sources": ["2001:db8::1", "2001:db8::3"],
+    }
+    assert fw(netns, kind, "ensure", **base()) is True
+    assert fw(netns, kind, "ensure", **v6) is True
+    assert_matches(netns, kind, v6)
+    assert_matches(netns, kind, base())
+    assert fw(netns, kind, "ensure", **v6) is False
+    assert fw(netns, kind, "remove") is True
+    assert nothing_of_ours(netns)
 
 
 @pytest.mark.parametrize("kind", KINDS)
