@@ -13,9 +13,8 @@ from collections.abc import Mapping
 from importlib import metadata
 from typing import Any, TypeVar
 
-from stevedore import driver, extension
-
 import attrs
+from stevedore import driver, extension
 
 from .errors import PluginBroken, PluginMissingDependency, PluginNotFound, UserError
 from .plugin import Backend, Plugin, Store
