@@ -359,8 +359,14 @@ def run() -> None:
         log.info("received %s; stopping", signal.Signals(signum).name)
         stop.set()
 
+    def on_hangup(signum: int, frame: types.FrameType | None) -> None:
+        # SIGHUP's default action ends the process silently, skipping --release-on-exit.  The
+        # daemon has no state to reload that a restart would not give more safely, so it stays up.
+        log.warning("received SIGHUP; overlayd does not reload its settings (restart it to change them), continuing")
+
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGHUP, on_hangup)
     run_daemon(settings, stop)
 
 
