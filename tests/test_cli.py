@@ -369,7 +369,8 @@ def test_status_and_demo_help_import_no_plugin() -> None:
         "    main(sys.argv[1:])\n"
         "except SystemExit:\n"
         "    pass\n"
-        "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('grpc', 'etcd3') or m.startswith('overlayd.stores.'))\n"
+        "heavy = sorted(m for m in sys.modules\n"
+        "               if m.split('.')[0] in ('grpc', 'etcd3') or m.startswith('overlayd.stores.'))\n"
         "print('HEAVY', heavy)\n"
     )
     for args in (["status"], ["status", "--help"], ["--healthz-port", "1", "status"], ["demo", "--help"]):
