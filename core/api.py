@@ -49,6 +49,15 @@ def installed_plugins() -> dict[str, dict[str, type[Plugin] | Exception]]:
     }
 
 
+def installed_plugin_names() -> dict[str, list[str]]:
+    """``{"store": [...], "backend": [...]}``: the names of the installed plugins, read from the
+    entry points without importing any plugin (cheap: no client library is loaded)."""
+    return {
+        "store": _loader.installed_names(_loader.STORES),
+        "backend": _loader.installed_names(_loader.BACKENDS),
+    }
+
+
 def open_store(name: str = "embedded", **options: Any) -> Store:
     """Open the store plugin *name* with *options* (e.g. ``endpoints="http://127.0.0.1:2379"``)."""
     return _loader.new_store(name, options)

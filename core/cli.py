@@ -38,8 +38,14 @@ import attrs
 import click
 import cloup
 
-from . import _loader
-from .api import backend_class, installed_plugins, open_store, store_class, write_network_config
+from .api import (
+    backend_class,
+    installed_plugin_names,
+    installed_plugins,
+    open_store,
+    store_class,
+    write_network_config,
+)
 from .config import NetworkConfig
 from .daemon import DaemonSettings
 from .daemon import run as run_daemon
@@ -167,7 +173,7 @@ CORE_OPTIONS = cloup.OptionGroup("Core options")
 
 
 def _plugin_names() -> list[str]:
-    return [*_loader.installed_names(_loader.STORES), *_loader.installed_names(_loader.BACKENDS)]
+    return [name for names in installed_plugin_names().values() for name in names]
 
 
 class _Group(cloup.Group):
