@@ -203,10 +203,10 @@ class _Group(cloup.Group):
 
     def _needs_plugins(self, args: list[str]) -> bool:
         """False only when *args* name a light command and give no option outside the core ones."""
-        core: dict[str, click.Parameter] = {}
-        for param in self.params:
-            if isinstance(param, click.Option):
-                core.update(dict.fromkeys([*param.opts, *param.secondary_opts], param))
+        core: dict[str, click.Option] = {}
+        for candidate in self.params:
+            if isinstance(candidate, click.Option):
+                core.update(dict.fromkeys([*candidate.opts, *candidate.secondary_opts], candidate))
         i = 0
         while i < len(args):
             token = args[i]
@@ -215,7 +215,6 @@ class _Group(cloup.Group):
             param = core.get(token.split("=", 1)[0])
             if param is None:
                 return True  # a plugin flag, --help, or a typo: let click see every option
-            assert isinstance(param, click.Option)
             takes_value = not (param.is_flag or param.count)
             i += 2 if takes_value and "=" not in token else 1
         return True  # no command: the daemon
