@@ -81,7 +81,7 @@ def open_store_from_environment(
         try:
             with open(path, "rb") as handle:
                 doc = tomllib.load(handle)
-        except (OSError, tomllib.TOMLDecodeError) as exc:
+        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
             raise UserError(f"cannot read config file {path}: {exc}") from exc
     name = str(env.get(f"{ENV_PREFIX}_STORE") or doc.get("store") or "embedded")
     cls = store_class(name)
