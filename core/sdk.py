@@ -1,0 +1,81 @@
+"""The plugin SDK: everything a store or backend plugin may import from overlayd, in one module.
+
+A plugin written against ``overlayd.sdk`` depends on the plugin contracts, the data model and
+the kernel helpers only — never on the daemon, the CLI or the library API above them (the layer
+contracts in pyproject.toml hold the built-in plugins to that).  docs/writing-a-plugin.md lists
+the same names; a name that is not here is internal and may change without notice.
+"""
+
+from . import netlink
+from .config import NetworkConfig
+from .errors import (
+    ConfigError,
+    GarbledLease,
+    HistoryGone,
+    KernelError,
+    LeaseConflict,
+    LeaseLost,
+    OverlaydError,
+    PermanentError,
+    StoreUnavailable,
+    SubnetExhausted,
+    TransientError,
+    UserError,
+)
+from .model import (
+    EventKind,
+    Lease,
+    LeaseAttrs,
+    LeaseEvent,
+    LeaseList,
+    Reservation,
+    WatchResult,
+    key_to_subnet,
+    parse_lease,
+    subnet_to_key,
+)
+from .netlink import FdbEntry, MacAddress, Neighbour, Route
+from .plan import Plan, diff
+from .plugin import Backend, HostInfo, Network, NoOptions, Plugin, Store, comma_list, option, seconds
+
+__all__ = [
+    "Backend",
+    "ConfigError",
+    "EventKind",
+    "FdbEntry",
+    "GarbledLease",
+    "HistoryGone",
+    "HostInfo",
+    "KernelError",
+    "Lease",
+    "LeaseAttrs",
+    "LeaseConflict",
+    "LeaseEvent",
+    "LeaseList",
+    "LeaseLost",
+    "MacAddress",
+    "Neighbour",
+    "Network",
+    "NetworkConfig",
+    "NoOptions",
+    "OverlaydError",
+    "PermanentError",
+    "Plan",
+    "Plugin",
+    "Reservation",
+    "Route",
+    "Store",
+    "StoreUnavailable",
+    "SubnetExhausted",
+    "TransientError",
+    "UserError",
+    "WatchResult",
+    "comma_list",
+    "diff",
+    "key_to_subnet",
+    "netlink",
+    "option",
+    "parse_lease",
+    "seconds",
+    "subnet_to_key",
+]
