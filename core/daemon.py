@@ -36,7 +36,7 @@ import attrs
 
 from . import _loader, plan
 from .config import DEFAULT_BACKEND_TYPE, NetworkConfig
-from .errors import GarbledLease, HistoryGone, KernelError, LeaseLost, OverlaydError, TransientError, UserError
+from .errors import HistoryGone, KernelError, LeaseLost, OverlaydError, TransientError, UserError
 from .health import DaemonStatus, HealthServer
 from .hostiface import select_host
 from .model import Lease, LeaseAttrs, LeaseList
