@@ -22,6 +22,7 @@ from .errors import (
     TransientError,
     UserError,
 )
+from .kernel import FdbEntry, KernelObject, Link, MacAddress, Neighbour, Route
 from .model import (
     EventKind,
     Lease,
@@ -34,9 +35,22 @@ from .model import (
     parse_lease,
     subnet_to_key,
 )
-from .netlink import FdbEntry, MacAddress, Neighbour, Route
+from .peers import public_ip_problem
 from .plan import Plan, diff
-from .plugin import Backend, HostInfo, Network, NoOptions, Plugin, Store, comma_list, option, seconds
+from .plugin import (
+    Backend,
+    HostInfo,
+    Network,
+    NoOptions,
+    Plugin,
+    Store,
+    apply_config_keys,
+    comma_list,
+    option,
+    seconds,
+    to_bool,
+)
+from .routenet import RouteNetwork
 
 __all__ = [
     "Backend",
@@ -47,12 +61,14 @@ __all__ = [
     "HistoryGone",
     "HostInfo",
     "KernelError",
+    "KernelObject",
     "Lease",
     "LeaseAttrs",
     "LeaseConflict",
     "LeaseEvent",
     "LeaseList",
     "LeaseLost",
+    "Link",
     "MacAddress",
     "Neighbour",
     "Network",
@@ -64,18 +80,22 @@ __all__ = [
     "Plugin",
     "Reservation",
     "Route",
+    "RouteNetwork",
     "Store",
     "StoreUnavailable",
     "SubnetExhausted",
     "TransientError",
     "UserError",
     "WatchResult",
+    "apply_config_keys",
     "comma_list",
     "diff",
     "key_to_subnet",
     "netlink",
     "option",
     "parse_lease",
+    "public_ip_problem",
     "seconds",
     "subnet_to_key",
+    "to_bool",
 ]
