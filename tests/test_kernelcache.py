@@ -201,6 +201,6 @@ def test_missed_notification_is_repaired_by_the_audit(host: str) -> None:
 
 
 def test_objects_in_reads_only_the_asked_slots(host: str, cache: KernelCache) -> None:
-    net, gw, mac, public = peer(1)
+    net, gw, _mac, _public = peer(1)
     route = Route(dst=IPv4Network(net), dev=DEV, gateway=IPv4Address(gw), onlink=True)
     assert cache.objects_in([route.key, ("neigh", DEV, IPv4Address("10.99.0.0"))]) == {route}
