@@ -29,15 +29,16 @@ from typing import Generic, Protocol, TypeVar
 from .plan import KernelObject, Plan, diff
 
 T = TypeVar("T", bound=KernelObject)
+T_co = TypeVar("T_co", bound=KernelObject, covariant=True)
 Slot = Hashable
 
 
-class SlotSource(Protocol[T]):
+class SlotSource(Protocol[T_co]):
     """What the incremental diff reads from the actual state (``KernelCache`` provides it)."""
 
-    def objects(self) -> frozenset[T]: ...
+    def objects(self) -> frozenset[T_co]: ...
 
-    def objects_in(self, slots: Iterable[Slot]) -> frozenset[T]: ...
+    def objects_in(self, slots: Iterable[Slot]) -> frozenset[T_co]: ...
 
 
 class DesiredIndex(Generic[T]):

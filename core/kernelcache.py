@@ -299,14 +299,14 @@ class KernelCache:
             route = self._route(data, body, end) if kind == RTM_NEWROUTE else None
             if isinstance(route, Route):
                 slots.setdefault(route.key, set()).add(route)
-        index = self._device_index()
-        if index is not None:
-            neigh_req = _NDMSG.pack(socket.AF_INET, 0, 0, 0, 0, 0, 0) + _RTA.pack(8, NDA_IFINDEX) + _U32.pack(index)
+        dev_index = self._device_index()
+        if dev_index is not None:
+            neigh_req = _NDMSG.pack(socket.AF_INET, 0, 0, 0, 0, 0, 0) + _RTA.pack(8, NDA_IFINDEX) + _U32.pack(dev_index)
             for kind, _flags, body, end, data in self._dump(RTM_GETNEIGH, neigh_req):
                 neigh = self._neigh(data, body, end) if kind == RTM_NEWNEIGH else None
                 if isinstance(neigh, Neighbour):
                     slots.setdefault(neigh.key, set()).add(neigh)
-            fdb_req = _NDMSG.pack(AF_BRIDGE, 0, 0, index if self._strict_on else 0, 0, 0, 0)
+            fdb_req = _NDMSG.pack(AF_BRIDGE, 0, 0, dev_index if self._strict_on else 0, 0, 0, 0)
             for kind, _flags, body, end, data in self._dump(RTM_GETNEIGH, fdb_req):
                 entry = self._neigh(data, body, end) if kind == RTM_NEWNEIGH else None
                 if isinstance(entry, FdbEntry):
