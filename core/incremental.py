@@ -23,7 +23,7 @@ own lease's subnet, the underlay's connected networks for DirectRouting) is a
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Iterable, Mapping
+from collections.abc import Callable, Hashable, Iterable, Mapping
 from typing import Generic, Protocol, TypeVar
 
 from .plan import KernelObject, Plan, diff
@@ -113,6 +113,51 @@ def incremental_plan(desired: DesiredIndex[T], actual: SlotSource[T], slots: Ite
 def full_plan(desired: DesiredIndex[T], actual: SlotSource[T]) -> Plan[T]:
     """The audit: the whole desired state versus the whole actual state."""
     return diff(desired.objects(), actual.objects())
+
+
+class ChangeSource(SlotSource[T_co], Protocol[T_co]):
+    """A ``SlotSource`` that also reports which slots changed (``KernelCache``)."""
+
+    def take_changes(self) -> frozenset[Slot]: ...
+
+
+class Reconciler(Generic[T]):
+    """Incremental passes over a desired index and a kernel-state cache; the full diff on demand.
+
+    The daemon tells it which peers changed (:meth:`set_peers`) and calls :meth:`run`; a pass
+    diffs the slots those peers touched plus the slots the cache saw change, and applies the
+    plan with *apply* (``Network.apply``).  Slots stay pending when *apply* raises, so the next
+    pass retries them.  The kernel echoes our own changes back to the cache; the pass after an
+    apply re-checks those slots and finds nothing to do.
+    """
+
+    def __init__(self, actual: ChangeSource[T], apply: Callable[[Plan[T]], None]) -> None:
+        self.desired: DesiredIndex[T] = DesiredIndex()
+        self._actual = actual
+        self._apply = apply
+        self._pending: set[Slot] = set()
+
+    def set_peers(self, objects: Mapping[str, Iterable[T]]) -> None:
+        """What each changed peer wants now (an empty iterable for a peer that is gone or invalid)."""
+        for peer, objs in objects.items():
+            self._pending |= self.desired.set_peer(peer, objs)
+
+    def rebuild(self, objects: Mapping[str, Iterable[T]]) -> None:
+        """Every peer's objects afresh (our own lease or the host changed): touched = what differs."""
+        self._pending |= self.desired.rebuild(objects)
+
+    def run(self, *, full: bool = False) -> Plan[T]:
+        """One pass: the pending and drifted slots (every slot when *full*); returns what was applied."""
+        self._pending |= self._actual.take_changes()
+        change = (
+            full_plan(self.desired, self._actual)
+            if full
+            else incremental_plan(self.desired, self._actual, self._pending)
+        )
+        if not change.empty:
+            self._apply(change)
+        self._pending.clear()
+        return change
 
 
 class SlotSet(Generic[T]):

@@ -4,17 +4,24 @@ state, with the vxlan backend's real ``desired_state`` (contested FDB slots incl
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from ipaddress import IPv4Address, IPv4Network
 from typing import Any
 
+import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
-from overlayd import plan
-from overlayd.backends.vxlan import DeviceSpec, VxlanNetwork, VxlanSettings
-from overlayd.incremental import DesiredIndex, SlotSet, full_plan, incremental_plan
+from overlayd import netlink, plan
+from overlayd.backends.vxlan import DeviceSpec, VxlanBackend, VxlanNetwork, VxlanOptions, VxlanSettings
+from overlayd.config import NetworkConfig
+from overlayd.incremental import DesiredIndex, Reconciler, SlotSet, full_plan, incremental_plan
+from overlayd.kernelcache import KernelCache
 from overlayd.model import Lease, LeaseAttrs
 from overlayd.netlink import MacAddress, Route
 from overlayd.plugin import HostInfo
+from overlayd.testing.netns import in_netns, ip_json, netns_factory, run, veth
+
+__all__ = ["netns_factory"]  # the fixture, re-exported for pytest
 
 OWN = Lease(
     IPv4Network("10.44.1.0/24"),
@@ -104,3 +111,63 @@ def test_rebuild_reports_only_slots_that_changed() -> None:
     changed = desired.rebuild({a.key: net.desired_state(OWN, [a]), moved.key: net.desired_state(OWN, [moved])})
     assert changed == {("fdb", "flannel.1", MacAddress.parse(MACS[1]))}
     assert desired.objects() == net.desired_state(OWN, [a, moved])
+
+
+# -- functional: the reconciler over the real kernel-state cache (root) ---------------------------------
+
+
+@pytest.mark.root
+def test_reconciler_on_the_real_kernel_repairs_drift_touching_only_what_changed(
+    netns_factory: Callable[..., str],
+) -> None:
+    ns, other = netns_factory("inc"), netns_factory("incpeer")
+    veth(ns, "eth0", other, "eth0", "192.0.2.1/24", "192.0.2.2/24")
+    index = ip_json(ns, "link", "show", "eth0")[0]["ifindex"]
+    host = HostInfo("eth0", index, 1500, IPv4Address("192.0.2.1"), iface_addr=IPv4Address("192.0.2.1"))
+    config = NetworkConfig.from_dict({"Network": "10.44.0.0/16"})
+    with in_netns(ns):
+        net = VxlanBackend(VxlanOptions()).prepare(config, host)
+        assert isinstance(net, VxlanNetwork)
+        net.activate(OWN)
+        cache = KernelCache(net.device)
+        cache.open()
+
+    def apply(change: plan.Plan[Any]) -> None:
+        with in_netns(ns):
+            net.apply(change)
+
+    def kernel() -> frozenset[Any]:
+        with in_netns(ns), netlink.iproute() as ipr:
+            return (
+                netlink.read_routes(ipr) | netlink.read_neighbours(ipr, net.device) | netlink.read_fdb(ipr, net.device)
+            )
+
+    try:
+        peers = {p.key: p for p in (lease(n, f"0a:00:00:00:01:{n:02x}", "198.51.100.9") for n in range(2, 32))}
+        rec: Reconciler[Any] = Reconciler(cache, apply)
+        rec.set_peers({key: net.desired_state(OWN, [p]) for key, p in peers.items()})
+        assert len(rec.run()) == 90
+        cache.drain()
+        assert rec.run().empty, "our own changes, echoed back, need nothing"
+        assert kernel() == cache.objects() == net.desired_state(OWN, list(peers.values()))
+
+        victim = Route(dst=IPv4Network("10.44.7.0/24"), dev="flannel.1", gateway=IPv4Address("10.44.7.0"), onlink=True)
+        run(ns, "ip", "route", "del", "10.44.7.0/24", "proto", "79")
+        cache.drain()
+        assert rec.run().add == {victim}, "only the drifted slot was planned"
+
+        gone = peers.pop("10.44.9.0-24")
+        rec.set_peers({gone.key: ()})
+        assert len(rec.run().remove) == 3
+        cache.drain()
+        assert kernel() == cache.objects() == net.desired_state(OWN, list(peers.values()))
+
+        run(ns, "ip", "link", "del", "flannel.1")  # the device removed behind our back
+        cache.drain()
+        assert len(rec.run().add) == 3 * len(peers)
+        cache.drain()
+        assert rec.run().empty
+        assert kernel() == cache.objects() == net.desired_state(OWN, list(peers.values()))
+        assert rec.run(full=True).empty, "the audit agrees"
+    finally:
+        cache.close()
