@@ -254,10 +254,11 @@ def measure(
     for j in range(args.samples):
         i = n + j
         dst = str(subnet(i))
+        time.sleep(args.gap)
         client.put(key(i), peer_value(i), lease=lease)
         written = time.monotonic()
         adds.append(watch.appeared(dst, args.timeout) - written)
-        time.sleep(0.02)
+        time.sleep(args.gap)
         client.delete(key(i))
         written = time.monotonic()
         dels.append(watch.vanished(dst, args.timeout) - written)
@@ -492,6 +493,9 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="short idle window and fewer no-op events")
     parser.add_argument("--idle-seconds", type=float, default=None, help="idle CPU window (default 60, quick 10)")
     parser.add_argument("--samples", type=int, default=50, help="new-peer / deletion samples per N (>= 50)")
+    parser.add_argument(
+        "--gap", type=float, default=0.2, help="pause before each latency-sample write (the daemon is idle)"
+    )
     parser.add_argument("--resync-period", type=float, default=10.0, help="the daemon's --resync-period")
     parser.add_argument("--timeout", type=float, default=600.0, help="give up waiting for the kernel after this")
     parser.add_argument("--baseline-max", type=int, default=5000, help="run the ip -batch baseline up to this N")

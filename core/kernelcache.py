@@ -158,11 +158,14 @@ def open_socket(groups: int = 0, rcvbuf: int | None = None, strict: bool = True)
 
 class KernelCache:
     """overlayd's kernel objects (routes of *protocol* in *table*; permanent neighbours and FDB
-    entries on *device*), by slot, kept current by :meth:`drain`; see the module notes."""
+    entries on *device*), by slot, kept current by :meth:`drain`; see the module notes.
+
+    *device* None: routes only (a route backend such as host-gw owns no device).
+    """
 
     def __init__(
         self,
-        device: str,
+        device: str | None,
         *,
         protocol: int = RTPROT_OVERLAYD,
         table: int = RT_TABLE_MAIN,
@@ -347,6 +350,8 @@ class KernelCache:
     # -- decoding ---------------------------------------------------------------------------------
 
     def _device_index(self) -> int | None:
+        if self.device is None:
+            return None
         if self._index_of is None or self._names.get(self._index_of[0]) != self.device:
             found = next((index for index, name in self._names.items() if name == self.device), None)
             self._index_of = (found if found is not None else -1, found)
@@ -388,7 +393,7 @@ class KernelCache:
     def _neigh(self, data: bytes, body: int, end: int) -> Neighbour | FdbEntry | tuple[Slot, bool] | None:
         """A permanent entry on our device; (slot, False) for a non-permanent one there."""
         family, _p1, _p2, ifindex, state, _flags, _type = _NDMSG.unpack_from(data, body)
-        if ifindex != self._device_index():
+        if self.device is None or ifindex != self._device_index():
             return None
         attrs = _attrs(data, body + _NDMSG.size, end)
         lladdr, dst = attrs.get(NDA_LLADDR), attrs.get(NDA_DST)

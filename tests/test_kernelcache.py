@@ -204,3 +204,16 @@ def test_objects_in_reads_only_the_asked_slots(host: str, cache: KernelCache) ->
     net, gw, _mac, _public = peer(1)
     route = Route(dst=IPv4Network(net), dev=DEV, gateway=IPv4Address(gw), onlink=True)
     assert cache.objects_in([route.key, ("neigh", DEV, IPv4Address("10.99.0.0"))]) == {route}
+
+
+def test_without_a_device_only_routes_are_cached(host: str) -> None:
+    cache = KernelCache(None)
+    with in_netns(host):
+        cache.open()
+    try:
+        assert cache.objects() == {o for o in call_in_netns(host, full_read) if isinstance(o, Route)}
+        assert len(cache.objects()) == 2
+        run(host, "ip", "neigh", "del", peer(1)[1], "dev", DEV)
+        assert not cache.drain()
+    finally:
+        cache.close()
