@@ -416,7 +416,9 @@ def table(results: list[dict[str, Any]]) -> str:
     return "\n".join([head, rule, *rows])
 
 
-def plot(results: list[dict[str, Any]], baseline: list[dict[str, Any]] | None, path: str) -> None:
+def plot(
+    results: list[dict[str, Any]], baseline: list[dict[str, Any]] | None, path: str, label: str = "this run"
+) -> None:
     try:
         import matplotlib
 
@@ -435,13 +437,15 @@ def plot(results: list[dict[str, Any]], baseline: list[dict[str, Any]] | None, p
     ]
     fig, axes = plt.subplots(2, 3, figsize=(13, 7))
     for ax, (title, keys) in zip(axes.flat, panels, strict=True):
-        for label, data, style in (("before caches", baseline, "--"), ("now", results, "-")):
+        for name, data, style in (("before caches", baseline, "--"), (label, results, "-")):
             if not data:
                 continue
             xs = [r["n"] for r in data]
             for k in keys:
-                ax.plot(xs, [r.get(k, float("nan")) for r in data], style, marker="o", label=f"{label} {k}")
+                ax.plot(xs, [r.get(k, float("nan")) for r in data], style, marker="o", label=f"{name} {k}")
         ax.set_xscale("log")
+        if "ms" in title:
+            ax.set_yscale("log")  # before and after differ by orders of magnitude
         ax.set_title(title)
         ax.set_xlabel("peers (N)")
         ax.legend(fontsize=7)
@@ -484,7 +488,7 @@ def outer(args: argparse.Namespace) -> None:
         Path(args.json).write_text(json.dumps(results, indent=1) + "\n")
     if args.plot:
         baseline = json.loads(Path(args.baseline).read_text()) if args.baseline else None
-        plot(results, baseline, args.plot)
+        plot(results, baseline, args.plot, args.label)
 
 
 def main() -> None:
@@ -502,6 +506,7 @@ def main() -> None:
     parser.add_argument("--json", help="write the figures to this file")
     parser.add_argument("--plot", help="write the scaling plot (PNG) here, e.g. docs/performance.png")
     parser.add_argument("--baseline", help="a --json file of an earlier run, drawn dashed in the plot")
+    parser.add_argument("--label", default="this run", help="the legend of this run's curves in the plot")
     parser.add_argument("--profile", help="py-spy the daemon into this directory at the largest N")
     parser.add_argument("--log-level", default="warning", help="the daemon's log level (debug shows pass timings)")
     parser.add_argument("--inner", action="store_true", help=argparse.SUPPRESS)
