@@ -26,10 +26,10 @@ from __future__ import annotations
 from collections.abc import Callable, Hashable, Iterable, Mapping
 from typing import Generic, Protocol, TypeVar
 
-from .plan import KernelObject, Plan, diff
+from .plan import Plan, Slotted, diff
 
-T = TypeVar("T", bound=KernelObject)
-T_co = TypeVar("T_co", bound=KernelObject, covariant=True)
+T = TypeVar("T", bound=Slotted)
+T_co = TypeVar("T_co", bound=Slotted, covariant=True)
 Slot = Hashable
 
 
