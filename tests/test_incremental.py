@@ -79,10 +79,10 @@ def test_incremental_plans_end_where_the_full_diff_does(sequence: list[tuple[Any
         else:
             stray = Route(dst=IPv4Network(f"10.44.{event[1]}.0/24"), dev="eth0", gateway=IPv4Address(event[2]))
             before = {obj.key: obj for obj in kernel}
-            kernel = plan.apply_plan(kernel, plan.Plan(add=frozenset({stray})))
+            kernel = plan.simulate(kernel, plan.Plan(add=frozenset({stray})))
             touched = frozenset({stray.key}) if before.get(stray.key) != stray else frozenset()
         change = incremental_plan(desired, SlotSet(kernel), touched)
-        kernel = plan.apply_plan(kernel, change)
+        kernel = plan.simulate(kernel, change)
         want = net.desired_state(OWN, list(leases.values()))
         assert desired.objects() == want
         assert kernel == want
