@@ -182,6 +182,13 @@ class EtcdOptions(LeaseTimingOptions):
     username: str = option("", "etcd user name (etcd auth)")
     password: str = option("", "password of the etcd user", secret=True)
 
+    def __repr__(self) -> str:  # secret options never appear in a logged Options object
+        shown = (
+            f"{field.name}={'***' if field.metadata.get('secret') else repr(getattr(self, field.name))}"
+            for field in attrs.fields(type(self))
+        )
+        return f"EtcdOptions({', '.join(shown)})"
+
 
 def _rpc_error(exc: BaseException) -> grpc.RpcError | None:
     """The gRPC error behind *exc* (python-etcd3 re-raises some as its own exceptions)."""
