@@ -134,6 +134,7 @@ class EmbeddedStore(Store):
         self._lock = threading.RLock()
         self._last_sweep = 0.0
         self._last_check = 0.0
+        self._damage: str | None = None  # once seen, every call reports it: the connection is stale
         self._path = options.path
         directory = os.path.dirname(os.path.abspath(options.path))
         try:
@@ -191,25 +192,25 @@ class EmbeddedStore(Store):
     # -- plumbing -----------------------------------------------------------------------------
 
     def _check_file(self, force: bool = False) -> None:
-        """Raise ``StoreCorrupted`` when the file header shows damage (at most once a second)."""
+        """Raise ``StoreCorrupted`` when the file header shows damage (read at most once a second)."""
         now = time.monotonic()
-        if not force and now - self._last_check < FILE_CHECK_INTERVAL:
-            return
-        self._last_check = now
-        damage = file_damage(self._path)
-        if damage is not None:
-            raise _corrupted(self._path, damage)
+        if self._damage is None and (force or now - self._last_check >= FILE_CHECK_INTERVAL):
+            self._last_check = now
+            self._damage = file_damage(self._path)
+        if self._damage is not None:
+            raise _corrupted(self._path, self._damage)
 
     def _translate(self, exc: sqlite3.Error) -> Exception:
         """SQLite's error as ours: lock contention is transient, damage is ``StoreCorrupted``."""
         text = str(exc)
         name = getattr(exc, "sqlite_errorname", "")
-        if name in _CORRUPT_CODES or "malformed" in text or "not a database" in text or "no such table" in text:
-            return _corrupted(self._path, text)
-        if isinstance(exc, sqlite3.OperationalError):
+        if isinstance(exc, sqlite3.ProgrammingError | sqlite3.InterfaceError):  # e.g. used after close()
+            return StoreUnavailable(f"embedded store {self._path}: {text}")
+        if isinstance(exc, sqlite3.OperationalError) and name not in _CORRUPT_CODES and "no such table" not in text:
             if "locked" in text or "busy" in text:
                 return StoreUnavailable(f"embedded store {self._path} is locked: {text}")
             return StoreUnavailable(f"embedded store {self._path} failed: {text}")
+        self._damage = text
         return _corrupted(self._path, text)
 
     @contextmanager
