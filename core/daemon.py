@@ -34,7 +34,7 @@ import attrs
 from . import plan
 from .api import load_backend, open_store
 from .config import NetworkConfig
-from .errors import GarbledLease, HistoryGone, LeaseLost, OverlaydError, TransientError, UserError
+from .errors import GarbledLease, HistoryGone, LeaseLost, OverlaydError, StoreCorrupted, TransientError, UserError
 from .health import DaemonStatus, HealthServer
 from .hostiface import select_host
 from .model import Lease, LeaseAttrs, LeaseList
@@ -304,6 +304,8 @@ class Daemon:
             except OverlaydError as exc:
                 # e.g. the kernel refused one change: keep running, the next pass tries again
                 self._note_error(exc)
+                if isinstance(exc, StoreCorrupted):  # the datapath stays; status shows the store is not fine
+                    self.status.store_healthy = False
                 stop.wait(backoff.next())
 
     def _wait_for_change(self, revision: int, stop: threading.Event) -> None:

@@ -12,20 +12,29 @@ Design notes:
 * 0.12's generated protobuf modules only load with the pure-Python protobuf runtime when
   protobuf >= 4 is installed, hence the ``setdefault`` of
   ``PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION`` before the import (users never have to know).
-* ``wait_for_events`` opens one short gRPC watch stream per call, starting at
+* ``watch_entries`` opens one short gRPC watch stream per call, starting at
   ``since_revision + 1`` with ``prev_kv``.  Nothing outlives the call, so there is nothing to
   go stale across reconnects; a call on a dead or hung etcd fails with ``StoreUnavailable``
   after at most ``WATCH_CREATE_TIMEOUT`` (no "watch created" answer), and the caller backs off.
   Compaction is reported by etcd on the stream and becomes ``HistoryGone``.
+* This module implements the key-value primitives of ``Store``; the lease policy (owner
+  checks, "a reservation stays a reservation", compare-and-swap retries, decoding, garbled
+  entries reported once) is the base class's, shared with every store.
+* Every write is a transaction guarded on the key: version 0 for ``create_entry``; the mod
+  revision that was read for ``put_entry`` and ``delete_entry``.  Nobody's lease is ever
+  overwritten.  An entry with a TTL is bound to its own etcd lease; a key without an etcd lease
+  is a reservation (``ttl=None`` writes one).  ``Entry.created_revision`` is the KV's
+  ``create_revision``.
 * Deletes are told apart by the etcd lease of the deleted key (``prev_kv``): when that lease
   no longer exists the key went because its TTL ran out (``EXPIRED``); when it still exists the
-  key was deleted (``REMOVED``).  For that reason ``delete_lease`` never revokes the etcd lease
-  (it owns no key any more and simply runs out).  A renewal grants a new etcd lease, as flannel
-  does, and revokes the replaced one once no key uses it.  A failed write never revokes the
-  lease it granted: the write may have been applied, and the revoke would delete the key.
-* Every write is a transaction guarded on the key: version 0 to create; the mod revision that
-  was read (after checking the PublicIP) to update, reserve or delete.  Nobody's lease is ever
-  overwritten.  A key without an etcd lease is a reservation and stays one when updated.
+  key was deleted (``REMOVED``).  Revoke rules follow from that: ``delete_entry`` never revokes
+  the etcd lease (it owns no key any more and simply runs out); ``put_entry`` grants a new etcd
+  lease, as flannel does, and revokes the replaced one once no key uses it; a write that lost
+  its compare-and-swap revokes the lease it granted; a failed call never revokes what it
+  granted: the write may have been applied, and the revoke would delete the key.
+* Options are checked when read: every endpoint must parse as a URL (``http://[::1`` is one
+  line naming ``--etcd-endpoints``), the TTL and margin by ``LeaseTimingOptions``; the password
+  is an ``option(secret=True)`` and never appears in a repr.
 * ``Lease.expiration`` comes from the etcd lease's remaining TTL.  Expiry times of etcd leases
   do not move (we never keep them alive), so they are cached per lease ID; the misses of a
   listing are asked for concurrently (gRPC futures), which keeps a list of 1000 leases fast.

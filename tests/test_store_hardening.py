@@ -213,6 +213,37 @@ def test_a_running_store_notices_its_file_was_damaged(tmp_path: Path, damage: st
     store.close()
 
 
+def test_a_running_daemon_reports_a_damaged_store(tmp_path: Path) -> None:
+    db = tmp_path / "s.db"
+    settings = DaemonSettings(
+        store="embedded",
+        store_options={"path": str(db)},
+        backend="routes-file",
+        backend_options={"path": str(tmp_path / "routes.json")},
+        network=IPv4Network("10.30.0.0/16"),
+        ifaces=("lo",),
+        public_ip="127.0.0.1",
+        subnet_file=str(tmp_path / "subnet.env"),
+        resync_period=0.5,
+    )
+    daemon, stop = Daemon(settings), threading.Event()
+    thread = threading.Thread(target=daemon.run, args=(stop,), daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 20
+        while not daemon.status.first_reconcile_done and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert daemon.status.first_reconcile_done and daemon.status.store_healthy
+        os.truncate(db, 0)
+        while daemon.status.store_healthy and time.monotonic() < deadline + 10:
+            time.sleep(0.05)
+        assert not daemon.status.store_healthy
+        assert daemon.status.last_error and "is corrupted" in daemon.status.last_error
+    finally:
+        stop.set()
+        thread.join(10)
+
+
 def test_a_file_that_is_not_a_database_is_reported_as_such(tmp_path: Path) -> None:
     path = tmp_path / "s.db"
     path.write_bytes(b"hello, this is not sqlite" * 100)
