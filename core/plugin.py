@@ -137,7 +137,7 @@ def duration(value: float | str | timedelta) -> timedelta:
 
 def _shown(value: timedelta) -> str:
     if value in (timedelta.max, timedelta.min):
-        return "(not a finite number)"
+        return "(not a finite number of seconds)"
     return f"{value.total_seconds():g}"
 
 
@@ -162,7 +162,7 @@ class LeaseTimingOptions:
         if not MIN_TTL <= ttl <= MAX_TTL:
             raise UserError(
                 f"{flag_prefix}ttl {_shown(ttl)} is not usable: give a lease lifetime between "
-                f"{MIN_TTL.total_seconds():g} and {MAX_TTL.total_seconds():g} seconds (default 86400)"
+                f"{MIN_TTL.total_seconds():.0f} and {MAX_TTL.total_seconds():.0f} seconds (default 86400)"
             )
         if margin < timedelta(0) or margin >= ttl:
             raise UserError(

@@ -55,11 +55,11 @@ def one_line(result: subprocess.CompletedProcess[str], code: int, fragment: str)
     [
         (("--store", "etcd", "--etcd-ttl", "1"), "--etcd-ttl 1 is not usable"),
         (("--store", "etcd", "--etcd-ttl", "-5"), "--etcd-ttl -5 is not usable"),
-        (("--store", "etcd", "--etcd-ttl", "inf"), "--etcd-ttl (not a finite number) is not usable"),
-        (("--store", "etcd", "--etcd-ttl", "nan"), "--etcd-ttl (not a finite number)"),
+        (("--store", "etcd", "--etcd-ttl", "inf"), "--etcd-ttl (not a finite number of seconds) is not usable"),
+        (("--store", "etcd", "--etcd-ttl", "nan"), "--etcd-ttl (not a finite number of seconds)"),
         (("--store", "etcd", "--etcd-ttl", "600", "--etcd-renew-margin", "3600"), "--etcd-renew-margin 3600 must"),
         (("--embedded-ttl", "100", "--embedded-renew-margin", "100"), "--embedded-renew-margin 100 must"),
-        (("--embedded-ttl", "1e300"), "--embedded-ttl (not a finite number)"),
+        (("--embedded-ttl", "1e300"), "--embedded-ttl (not a finite number of seconds)"),
     ],
 )
 def test_unusable_lease_timing_is_one_line(tmp_path: Path, args: tuple[str, ...], fragment: str) -> None:
