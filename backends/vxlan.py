@@ -15,9 +15,9 @@ Design history (flannel's ``backend/vxlan/vxlan.go`` explains the same choices a
   ``prepare`` before the lease is acquired: a peer never sees a lease without a VtepMAC.
 * The device keeps its MAC across restarts because a compatible existing device is kept, not
   recreated (flannel's ``ensureLink``).  When the device must be created (first start, reboot),
-  its MAC is, in order: the ``mac`` given to :meth:`VxlanBackend.prepare`, the backend's
-  ``preferred_mac`` (the daemon may set it from a persisted value or its previous lease's
-  BackendData), or a MAC derived from (VNI, local underlay IP).  The derived MAC is stable across
+  its MAC is the ``mac`` given to :meth:`VxlanBackend.prepare` (a tool embedding the backend
+  may pass a persisted one), else a MAC derived from (VNI, local underlay IP), which is what the
+  daemon uses: nothing needs persisting.  The derived MAC is stable across
   reboots with no state at all, so peers' neighbour/FDB entries stay right even before they see
   the renewed lease; the kernel's random MAC (or systemd-udev's "persistent" policy) would not be.
 * An incompatible device (different VNI, local address, underlay link, port, GBP, learning) is
@@ -32,7 +32,15 @@ Design history (flannel's ``backend/vxlan/vxlan.go`` explains the same choices a
 Settings come from the network config's ``Backend`` object with flannel's keys (``VNI``, ``Port``,
 ``GBP``, ``DirectRouting``, ``MTU``; case-insensitive) **when present**, because that document is
 shared by every host and all of them must agree on VNI, port and GBP; the ``--vxlan-*`` options
-fill in what the config leaves out.  A CLI value overridden by the config is logged as a warning.
+fill in what the config leaves out.  The options declare their keys (``option(config_key=...)``)
+and the core's one resolver (``overlayd.plugin.apply_config_keys``) applies them and warns about
+an option the config overrides.
+
+The per-peer route, the read-back of our routes, apply and teardown come from the route backend
+base (``overlayd.routenet.RouteNetwork``); this module adds the device, the neighbour and FDB
+entries, and the VtepMAC as an exclusive claim (two leases with one MAC would share one FDB slot,
+so ``overlayd.peers`` gives it to the older lease and reports the other; a peer is never given
+our own MAC).
 
 Kernel quirks: VXLAN's MTU may not exceed the underlay's minus the encapsulation (50 bytes over
 IPv4, 70 over IPv6): at creation a larger MTU is silently clamped (``vxlan_config_apply``), later
@@ -47,18 +55,18 @@ import hashlib
 import ipaddress
 import logging
 import socket
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network, IPv6Address
 from typing import Any
 
 import attrs
 from overlayd import netlink
 from overlayd.config import NetworkConfig
-from overlayd.errors import ConfigError, GarbledLease, KernelError, PermanentError
+from overlayd.errors import ConfigError, GarbledLease, KernelError
+from overlayd.kernel import FdbEntry, KernelObject, MacAddress, Neighbour, Route
 from overlayd.model import Lease
-from overlayd.netlink import FdbEntry, MacAddress, Neighbour, Route
-from overlayd.plan import Plan
-from overlayd.plugin import Backend, HostInfo, Network, option
+from overlayd.plugin import Backend, HostInfo, Network, apply_config_keys, option, to_bool
+from overlayd.routenet import RouteNetwork
 
 log = logging.getLogger(__name__)
 
@@ -68,31 +76,25 @@ OVERHEAD_V4 = 50  # outer IPv4 20 + UDP 8 + VXLAN 8 + inner Ethernet 14
 OVERHEAD_V6 = 70  # outer IPv6 40 + UDP 8 + VXLAN 8 + inner Ethernet 14
 
 
-def _to_bool(value: Any) -> bool:
-    if isinstance(value, bool):
-        return value
-    text = str(value).strip().lower()
-    if text in ("1", "true", "yes", "on"):
-        return True
-    if text in ("0", "false", "no", "off", ""):
-        return False
-    raise ValueError(f"{value!r} is not true or false")
-
-
 @attrs.frozen
 class VxlanOptions:
-    vni: int = option(1, "VXLAN network identifier; the device is flannel.<VNI>", converter=int)
-    port: int = option(DEFAULT_PORT, "UDP port for VXLAN traffic", converter=int)
-    mtu: int = option(0, "device MTU; 0 = underlay MTU - 50 (- 70 over an IPv6 underlay)", converter=int)
-    gbp: bool = option(False, "enable VXLAN Group Based Policy extension", converter=_to_bool)
+    vni: int = option(1, "VXLAN network identifier; the device is flannel.<VNI>", converter=int, config_key="VNI")
+    port: int = option(DEFAULT_PORT, "UDP port for VXLAN traffic", converter=int, config_key="Port")
+    mtu: int = option(
+        0, "device MTU; 0 = underlay MTU - 50 (- 70 over an IPv6 underlay)", converter=int, config_key="MTU"
+    )
+    gbp: bool = option(False, "enable VXLAN Group Based Policy extension", converter=to_bool, config_key="GBP")
     direct_routing: bool = option(
-        False, "route directly (no encapsulation) to peers on the same L2 segment", converter=_to_bool
+        False,
+        "route directly (no encapsulation) to peers on the same L2 segment",
+        converter=to_bool,
+        config_key="DirectRouting",
     )
 
 
 @attrs.frozen
 class VxlanSettings:
-    """The effective settings: config ``Backend`` keys over options, validated."""
+    """The effective settings: the config's ``Backend`` keys over the options, validated."""
 
     vni: int
     port: int
@@ -106,28 +108,12 @@ class VxlanSettings:
 
     @classmethod
     def resolve(cls, options: VxlanOptions, backend: Mapping[str, Any]) -> VxlanSettings:
-        keys = {str(k).lower(): v for k, v in backend.items()}
-        values: dict[str, Any] = {}
-        for field, key in (
-            ("vni", "vni"),
-            ("port", "port"),
-            ("mtu", "mtu"),
-            ("gbp", "gbp"),
-            ("direct_routing", "directrouting"),
-        ):
-            default = getattr(VxlanOptions(), field)
-            mine = getattr(options, field)
-            if key in keys:
-                values[field] = _config_value(field, key, keys[key], type(default))
-                if mine != default and mine != values[field]:
-                    log.warning(
-                        "vxlan: the network config's Backend sets %s=%r; ignoring the option value %r",
-                        key,
-                        values[field],
-                        mine,
-                    )
-            else:
-                values[field] = mine
+        """Settings from *options* with the config's ``Backend`` keys applied (the core's resolver)."""
+        return cls.validated(apply_config_keys(options, backend, "vxlan"))
+
+    @classmethod
+    def validated(cls, options: VxlanOptions) -> VxlanSettings:
+        values = attrs.asdict(options)
         if values["port"] == 0:
             values["port"] = DEFAULT_PORT  # flannel: 0 means the kernel default
         if not 0 <= values["vni"] <= MAX_VNI:
@@ -137,17 +123,6 @@ class VxlanSettings:
         if values["mtu"] and not 68 <= values["mtu"] <= 65535:
             raise ConfigError(f"vxlan: MTU {values['mtu']} is out of range (68..65535, or 0 for automatic)")
         return cls(**values)
-
-
-def _config_value(field: str, key: str, raw: Any, kind: type) -> Any:
-    name = {"direct_routing": "DirectRouting", "vni": "VNI", "gbp": "GBP", "mtu": "MTU", "port": "Port"}[field]
-    if kind is bool:
-        if not isinstance(raw, bool):
-            raise ConfigError(f"network config: Backend {name} must be true or false, not {raw!r}")
-        return raw
-    if isinstance(raw, bool) or not isinstance(raw, int):
-        raise ConfigError(f"network config: Backend {name} must be a whole number, not {raw!r}")
-    return raw
 
 
 def vxlan_mtu(underlay_mtu: int, ipv6_underlay: bool = False) -> int:
@@ -199,24 +174,25 @@ class DeviceSpec:
         return None
 
     def create(self, ipr: Any, mac: MacAddress | None) -> None:
-        kwargs: dict[str, Any] = {
-            "vxlan_id": self.vni,
-            "vxlan_link": self.link_index,
-            "vxlan_port": self.port,
-            "vxlan_learning": 0,
-            "mtu": self.mtu,
-        }
-        kwargs["vxlan_local6" if self.local.version == 6 else "vxlan_local"] = str(self.local)
-        if self.gbp:
-            kwargs["vxlan_gbp"] = True
-        if mac is not None:
-            kwargs["address"] = str(mac)
-        with netlink.translated(f"creating VXLAN device {self.name} ({self})", feature="VXLAN (vxlan module)"):
-            ipr.link("add", ifname=self.name, kind="vxlan", **kwargs)
+        netlink.add_vxlan(
+            ipr,
+            self.name,
+            vni=self.vni,
+            local=self.local,
+            link_index=self.link_index,
+            port=self.port,
+            mtu=self.mtu,
+            gbp=self.gbp,
+            mac=mac,
+        )
 
 
-class VxlanNetwork(Network):
-    """One VXLAN device and the per-peer neighbour, FDB and route entries on it."""
+class VxlanNetwork(RouteNetwork):
+    """One VXLAN device and the per-peer neighbour, FDB and route entries on it.
+
+    Built on the route backend base: a peer gets :meth:`route_for`'s route, plus (unless it is
+    reached by DirectRouting) the neighbour and FDB entry the route's next hop needs.
+    """
 
     def __init__(
         self,
@@ -228,16 +204,13 @@ class VxlanNetwork(Network):
         created: bool = False,
         offline: bool = False,
     ) -> None:
+        super().__init__(host, connected=connected, offline=offline)
         self.settings = settings
-        self.host = host
         self.spec = spec
         self.mac = mac
-        self.connected = connected
         self.lease: Lease | None = None
         #: True when ``prepare`` created (or recreated) the device, False when it kept one.
         self.created = created
-        #: A planning-only network (dry runs): ``apply`` and ``activate`` refuse to run.
-        self.offline = offline
         #: Over an IPv6 underlay (the VTEP's local address is IPv6) peers are reached at PublicIPv6.
         self.underlay_v6 = spec.local.version == 6
 
@@ -256,13 +229,13 @@ class VxlanNetwork(Network):
     # -- local setup ------------------------------------------------------------------------------
 
     def activate(self, lease: Lease) -> None:
-        self._refuse_offline("activate")
+        self.refuse_offline("vxlan: activate")
         if lease.subnet is None:
             raise ConfigError("vxlan needs an IPv4 subnet lease (EnableIPv4)")
         self.lease = lease
         with netlink.iproute() as ipr:
             self._configure(ipr, lease.subnet)
-            self.connected = netlink.connected_networks(ipr, self.host.iface_index)
+        self.refresh_connected()
 
     def _configure(self, ipr: Any, subnet: IPv4Network) -> None:
         link = netlink.get_link(ipr, self.device)
@@ -284,87 +257,77 @@ class VxlanNetwork(Network):
     def check_peer(self, lease: Lease) -> None:
         if lease.subnet is None:
             raise GarbledLease(f"lease {lease.key} has no IPv4 subnet; vxlan cannot route to it")
-        if self._underlay_ip(lease) is None:
+        if self.underlay_ip(lease) is None:
             raise GarbledLease(f"lease {lease.key} has no {'PublicIPv6' if self.underlay_v6 else 'PublicIP'}")
-        data = lease.attrs.backend_data or {}
-        raw_mac = data.get("VtepMAC")
+        self._peer_mac(lease)
+        vni = (lease.attrs.backend_data or {}).get("VNI", self.settings.vni)
+        if isinstance(vni, bool) or not isinstance(vni, int) or vni != self.settings.vni:
+            raise GarbledLease(f"lease {lease.key}: BackendData VNI {vni!r} does not match ours ({self.settings.vni})")
+
+    @staticmethod
+    def _peer_mac(lease: Lease) -> MacAddress:
+        raw_mac = (lease.attrs.backend_data or {}).get("VtepMAC")
         try:
             mac = MacAddress.parse(raw_mac)
         except ValueError as exc:
             raise GarbledLease(f"lease {lease.key}: BackendData VtepMAC {raw_mac!r} is not a MAC address") from exc
         if not mac.is_unicast:
             raise GarbledLease(f"lease {lease.key}: BackendData VtepMAC {raw_mac!r} is not a unicast MAC")
-        vni = data.get("VNI", self.settings.vni)
-        if isinstance(vni, bool) or not isinstance(vni, int) or vni != self.settings.vni:
-            raise GarbledLease(f"lease {lease.key}: BackendData VNI {vni!r} does not match ours ({self.settings.vni})")
+        return mac
 
-    def _underlay_ip(self, lease: Lease) -> IPv4Address | IPv6Address | None:
+    def exclusive_claims(self, lease: Lease) -> frozenset[tuple[str, str]]:
+        """A VTEP MAC is one FDB slot: two leases with one MAC would steal each other's traffic."""
+        try:
+            return frozenset({("VtepMAC", str(self._peer_mac(lease)))})
+        except GarbledLease:
+            return frozenset()
+
+    def underlay_ip(self, lease: Lease) -> IPv4Address | IPv6Address | None:
         return lease.attrs.public_ipv6 if self.underlay_v6 else lease.attrs.public_ip
 
-    def _direct(self, public_ip: IPv4Address | IPv6Address) -> bool:
-        return (
-            self.settings.direct_routing
-            and isinstance(public_ip, IPv4Address)
-            and any(public_ip in net for net in self.connected)
-        )
+    def route_for(self, lease: Lease) -> Route | None:
+        subnet, public_ip = lease.subnet, self.underlay_ip(lease)
+        if subnet is None or public_ip is None:
+            return None
+        if self.settings.direct_routing and self.on_link(public_ip):
+            return Route(dst=subnet, gateway=public_ip, dev=self.host.iface)
+        return Route(dst=subnet, gateway=vtep_address(subnet), dev=self.device, onlink=True)
 
-    def desired_state(self, own: Lease, peers: Sequence[Lease]) -> frozenset[Any]:
-        out: dict[Any, Any] = {}
-        for lease in sorted(peers, key=lambda lease: lease.key):
-            if lease.key == own.key or (own.subnet is not None and lease.subnet == own.subnet):
-                continue
-            try:
-                self.check_peer(lease)
-            except GarbledLease:
-                continue  # never program what cannot be justified; the reconciler reports it
-            subnet, public_ip = lease.subnet, self._underlay_ip(lease)
-            assert subnet is not None and public_ip is not None
-            if public_ip in (self.spec.local, self.host.public_ip, self.host.public_ipv6):
-                continue  # a stale lease of this very host: tunnelling to ourselves would loop
-            if self._direct(public_ip):
-                objs: list[Any] = [Route(dst=subnet, gateway=public_ip, dev=self.host.iface)]
-            else:
-                mac = MacAddress.parse(lease.attrs.backend_data["VtepMAC"])
-                gateway = vtep_address(subnet)
-                objs = [
-                    Neighbour(dst=gateway, lladdr=mac, dev=self.device),
-                    FdbEntry(lladdr=mac, dst=public_ip, dev=self.device),
-                    Route(dst=subnet, gateway=gateway, dev=self.device, onlink=True),
-                ]
-            for obj in objs:
-                out.setdefault(obj.key, obj)  # first lease (by key) wins a contested slot
-        return frozenset(out.values())
+    def objects_for(self, lease: Lease) -> list[KernelObject]:
+        route, subnet, public_ip = self.route_for(lease), lease.subnet, self.underlay_ip(lease)
+        if route is None or subnet is None or public_ip is None:
+            return []
+        if route.dev != self.device:
+            return [route]  # DirectRouting: no tunnel, so no neighbour or FDB entry
+        mac = self._peer_mac(lease)
+        if mac == self.mac:
+            return []  # never point our own MAC elsewhere (peers.valid_peers reports such a lease)
+        return [
+            Neighbour(dst=vtep_address(subnet), lladdr=mac, dev=self.device),
+            FdbEntry(lladdr=mac, dst=public_ip, dev=self.device),
+            route,
+        ]
 
     def actual_state(self) -> frozenset[Any]:
         with netlink.iproute() as ipr:
             return (
-                netlink.read_routes(ipr)
+                netlink.read_routes(ipr, protocol=self.protocol, table=self.table)
                 | netlink.read_neighbours(ipr, self.device)
                 | netlink.read_fdb(ipr, self.device)
             )
 
-    def _refuse_offline(self, what: str) -> None:
-        if self.offline:
-            raise PermanentError(f"vxlan: {what} called on a planning-only (dry run) network")
-
-    def apply(self, plan: Plan[Any]) -> None:
-        self._refuse_offline("apply")
-        if plan.empty:
-            return
-        with netlink.iproute() as ipr:
-            if netlink.get_link(ipr, self.device) is None:
-                log.warning("VXLAN device %s is gone; recreating it with MAC %s", self.device, self.mac)
-                self.spec.create(ipr, self.mac)
-                if self.lease is not None and self.lease.subnet is not None:
-                    self._configure(ipr, self.lease.subnet)
-            netlink.apply_plan(ipr, plan)
+    def before_apply(self, ipr: Any) -> None:
+        if netlink.get_link(ipr, self.device) is None:
+            log.warning("VXLAN device %s is gone; recreating it with MAC %s", self.device, self.mac)
+            self.spec.create(ipr, self.mac)
+            if self.lease is not None and self.lease.subnet is not None:
+                self._configure(ipr, self.lease.subnet)
 
     def teardown(self) -> None:
-        self._refuse_offline("teardown")
+        self.refuse_offline("vxlan: teardown")
         with netlink.iproute() as ipr:
             netlink.delete_link(ipr, self.device)
-            for route in netlink.read_routes(ipr):
-                netlink.delete_route(ipr, route)
+        super().teardown()
 
 
 class VxlanBackend(Backend):
@@ -372,14 +335,13 @@ class VxlanBackend(Backend):
 
     Options = VxlanOptions
 
-    def __init__(self, options: Any) -> None:
-        super().__init__(options)
-        #: MAC for a newly created device (e.g. persisted by the daemon); an existing compatible
-        #: device keeps its own.  None: derive a stable one from (VNI, local IP).
-        self.preferred_mac: str | MacAddress | None = None
+    @classmethod
+    def describe(cls, lease: Lease) -> Mapping[str, str]:
+        data = lease.attrs.backend_data or {}
+        return {"VtepMAC": str(data.get("VtepMAC") or "-")}
 
     def _spec(self, config: NetworkConfig, host: HostInfo) -> tuple[VxlanSettings, DeviceSpec]:
-        settings = VxlanSettings.resolve(self.options, config.backend)
+        settings = VxlanSettings.validated(self.effective_options(config))
         local = host.iface_addr or host.public_ip or host.public_ipv6
         if local is None:
             raise ConfigError(f"vxlan: interface {host.iface} has no address to use as the VTEP's local address")
@@ -412,18 +374,16 @@ class VxlanBackend(Backend):
             mac = MacAddress.parse((own.attrs.backend_data or {}).get("VtepMAC"))
         except ValueError:
             mac = derived_mac(spec.vni, spec.local)
-        connected: frozenset[IPv4Network] = frozenset()
-        if settings.direct_routing and host.iface_index > 0:
-            with netlink.iproute() as ipr:
-                connected = netlink.connected_networks(ipr, host.iface_index)
-        return VxlanNetwork(settings, host, spec, mac, connected, offline=True)
+        network = VxlanNetwork(settings, host, spec, mac, frozenset(), offline=True)
+        if settings.direct_routing:
+            network.refresh_connected()  # reads the kernel, changes nothing
+        return network
 
     def prepare(self, config: NetworkConfig, host: HostInfo, *, mac: str | MacAddress | None = None) -> Network:
         settings, spec = self._spec(config, host)
         local = spec.local
         try:
-            chosen = mac if mac is not None else self.preferred_mac
-            wanted = MacAddress.parse(chosen) if chosen is not None else None
+            wanted = MacAddress.parse(mac) if mac is not None else None
         except ValueError as exc:
             raise ConfigError(f"vxlan: {exc}") from exc
         with netlink.iproute() as ipr:

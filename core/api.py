@@ -21,9 +21,10 @@ from typing import Any
 import attrs
 
 from . import _loader
-from .config import NetworkConfig
+from .config import DEFAULT_BACKEND_TYPE, NetworkConfig
 from .errors import UserError
 from .model import Lease, LeaseEvent, LeaseList
+from .peers import valid_peers  # the daemon's own peer filter, so a dry run cannot disagree
 from .plan import Plan, diff
 from .plugin import Backend, HostInfo, Plugin, Store
 
@@ -71,7 +72,7 @@ def open_store(name: str = "embedded", **options: Any) -> Store:
     return cls.from_options(build_options(cls, options))
 
 
-def load_backend(name: str = "vxlan", **options: Any) -> Backend:
+def load_backend(name: str = DEFAULT_BACKEND_TYPE, **options: Any) -> Backend:
     """Instantiate the backend plugin *name* with *options*; touches nothing until ``prepare``."""
     cls = backend_class(name)
     return cls.from_options(build_options(cls, options))
@@ -161,8 +162,6 @@ def dry_run(
 ) -> DryRun:
     """The desired kernel state (and, with *read_kernel*, the plan against this machine's
     kernel) for the host whose lease carries *public_ip*.  Nothing is written anywhere."""
-    from .daemon import valid_peers  # the daemon's own peer filter, so a dry run cannot disagree
-
     config = read_network_config(store)
     if config is None:
         raise UserError("the store has no network config; create one with 'overlayd network init'")

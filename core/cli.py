@@ -24,7 +24,7 @@ import types
 import typing
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from datetime import UTC, datetime, timedelta
 from ipaddress import IPv4Address, IPv4Network
 from typing import Any
@@ -38,7 +38,8 @@ from .daemon import DaemonSettings
 from .daemon import run as run_daemon
 from .errors import ConfigError, OverlaydError, UserError
 from .model import Lease
-from .plugin import Plugin, Store
+from .peers import public_ip_problem
+from .plugin import Backend, Plugin, Store
 
 log = logging.getLogger(__name__)
 
@@ -377,15 +378,35 @@ def leases(as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps({"revision": snapshot.revision, "leases": [lease_row(x) for x in rows]}, indent=2))
         return
-    table = [("SUBNET", "PUBLIC IP", "BACKEND", "MAC", "EXPIRES")]
-    for lease in rows:
-        mac = str(lease.attrs.backend_data.get("VtepMAC", "-"))
-        table.append(
-            (str(lease.subnet), str(lease.attrs.public_ip), lease.attrs.backend_type or "-", mac, _expires_in(lease))
-        )
+    describe = _describer()
+    details = [describe(lease) for lease in rows]
+    columns = list(dict.fromkeys(key for detail in details for key in detail))  # from the backends
+    table = [("SUBNET", "PUBLIC IP", "BACKEND", *(c.upper() for c in columns), "EXPIRES")]
+    for lease, detail in zip(rows, details, strict=True):
+        extra = (detail.get(c, "-") for c in columns)
+        table.append((str(lease.subnet), str(lease.attrs.public_ip), lease.attrs.backend_type or "-", *extra,
+                      _expires_in(lease)))  # fmt: skip
     widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
     for row in table:
         click.echo("  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip())
+
+
+def _describer() -> Callable[[Lease], Mapping[str, str]]:
+    """A lease's backend's own columns (``Backend.describe``), each backend class loaded once;
+    none for a backend that is not installed here."""
+    classes: dict[str, type[Backend] | None] = {}
+
+    def describe(lease: Lease) -> Mapping[str, str]:
+        name = lease.attrs.backend_type
+        if name not in classes:
+            try:
+                classes[name] = backend_class(name) if name else None
+            except OverlaydError:
+                classes[name] = None
+        cls = classes[name]
+        return cls.describe(lease) if cls is not None else {}
+
+    return describe
 
 
 def _subnet_arg(ctx: click.Context, param: click.Parameter, value: str) -> IPv4Network:
@@ -397,9 +418,13 @@ def _subnet_arg(ctx: click.Context, param: click.Parameter, value: str) -> IPv4N
 
 def _ip_arg(ctx: click.Context, param: click.Parameter, value: str) -> IPv4Address:
     try:
-        return IPv4Address(value)
+        ip = IPv4Address(value)
     except ValueError as exc:
         raise click.BadParameter(f"{value!r} is not an IPv4 address", ctx, param) from exc
+    problem = public_ip_problem(ip)
+    if problem is not None:
+        raise click.BadParameter(f"{ip} {problem}; give the host's own underlay address", ctx, param)
+    return ip
 
 
 @cli.command()
@@ -416,6 +441,9 @@ def reserve(subnet: IPv4Network, public_ip: IPv4Address) -> None:
                     f"{subnet} is not a /{config.subnet_len} subnet between {config.subnet_min} and "
                     f"{config.subnet_max} of network {config.network}"
                 )
+            problem = public_ip_problem(public_ip, config.network)
+            if problem is not None:
+                raise UserError(f"PUBLIC_IP {public_ip} {problem}")
         store.reserve(subnet, public_ip)
     click.echo(f"reserved {subnet} for {public_ip}")
 

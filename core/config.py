@@ -23,7 +23,9 @@ from .errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-DEFAULT_BACKEND: Mapping[str, Any] = {"Type": "vxlan"}
+#: The backend when the network config names none (flannel defaults to udp; vxlan is the better default).
+DEFAULT_BACKEND_TYPE = "vxlan"
+DEFAULT_BACKEND: Mapping[str, Any] = {"Type": DEFAULT_BACKEND_TYPE}
 
 _KNOWN_KEYS = {
     "network": "Network",
@@ -60,7 +62,7 @@ class NetworkConfig:
 
     @property
     def backend_type(self) -> str:
-        return str(self.backend.get("Type", "vxlan"))
+        return str(self.backend.get("Type", DEFAULT_BACKEND_TYPE))
 
     def subnet_count(self) -> int:
         """How many subnets lie in [SubnetMin, SubnetMax]."""
@@ -245,7 +247,7 @@ def _validate(values: Mapping[str, Any]) -> NetworkConfig:
     backend = {str(k): v for k, v in backend.items()}
     type_key = next((k for k in backend if k.lower() == "type"), None)
     if type_key is None:
-        backend["Type"] = "vxlan"
+        backend["Type"] = DEFAULT_BACKEND_TYPE
     elif type_key != "Type":
         backend["Type"] = backend.pop(type_key)
     if not isinstance(backend["Type"], str) or not backend["Type"]:

@@ -24,7 +24,7 @@ import os
 import random
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from ipaddress import IPv4Network
 from typing import Any
@@ -33,11 +33,12 @@ import attrs
 
 from . import plan
 from .api import load_backend, open_store
-from .config import NetworkConfig
-from .errors import GarbledLease, HistoryGone, LeaseLost, OverlaydError, StoreCorrupted, TransientError, UserError
+from .config import DEFAULT_BACKEND_TYPE, NetworkConfig
+from .errors import HistoryGone, LeaseLost, OverlaydError, StoreCorrupted, TransientError, UserError
 from .health import DaemonStatus, HealthServer
 from .hostiface import select_host
 from .model import Lease, LeaseAttrs, LeaseList
+from .peers import public_ip_problem, valid_peers
 from .plugin import Backend, HostInfo, Network, Store
 from .subnetfile import SubnetFile, previous_subnet, write_subnet_file
 
@@ -105,7 +106,7 @@ def resolve_network_config(
                 "the store has no network config; pass --network CIDR (e.g. 10.244.0.0/16) "
                 "or run 'overlayd network init'"
             )
-        doc: dict[str, Any] = {"Network": str(network), "Backend": {"Type": backend or "vxlan"}}
+        doc: dict[str, Any] = {"Network": str(network), "Backend": {"Type": backend or DEFAULT_BACKEND_TYPE}}
         if subnet_len:
             doc["SubnetLen"] = subnet_len
         store.put_config(NetworkConfig.from_dict(doc).to_json(), only_if_absent=True)
@@ -169,6 +170,10 @@ class Daemon:
                 if stop.wait(backoff.next()):
                     return False
         assert self.config is not None
+        ip = self.host.public_ip
+        problem = public_ip_problem(ip, self.config.network) if ip is not None else None
+        if problem is not None:
+            raise UserError(f"public IP {ip} {problem}; pass --public-ip or --iface")
         backend = self._backend or load_backend(self.config.backend_type, **dict(settings.backend_options))
         self.network = backend.prepare(self.config, self.host)
         try:
@@ -381,7 +386,9 @@ class Daemon:
 
     def valid_peers(self, leases: Sequence[Lease]) -> list[Lease]:
         assert self.config is not None and self.network is not None and self.lease is not None
-        return valid_peers(self.config, self.network, self.lease, leases, self._report_invalid)
+        host = self.host
+        addresses = (host.public_ip, host.iface_addr, host.public_ipv6) if host is not None else ()
+        return valid_peers(self.config, self.network, self.lease, leases, self._report_invalid, addresses)
 
     def _report_invalid(self, key: str, revision: int, reason: str) -> None:
         if (key, revision) not in self._reported:
@@ -393,39 +400,3 @@ class Daemon:
         if text != self.status.last_error:
             log.warning("%s; retrying", text)
         self.status.last_error = text
-
-
-def valid_peers(
-    config: NetworkConfig,
-    network: Network,
-    own: Lease,
-    leases: Sequence[Lease],
-    report: Callable[[str, int, str], None],
-) -> list[Lease]:
-    """Leases of other hosts that *network* can program; *report* hears why each other one is not."""
-    peers = []
-    for lease in leases:
-        if lease.key == own.key:
-            continue
-        if lease.is_reservation and not lease.attrs.backend_type:
-            continue  # reserved, owner not running yet
-        reason = _invalid_reason(config, network, lease)
-        if reason is None:
-            peers.append(lease)
-        else:
-            report(lease.key, lease.revision, reason)
-    return peers
-
-
-def _invalid_reason(config: NetworkConfig, network: Network, lease: Lease) -> str | None:
-    if lease.subnet is None or not config.contains_subnet(lease.subnet):
-        return f"subnet is outside network {config.network} or not a /{config.subnet_len}"
-    if lease.attrs.public_ip is None:
-        return "it has no PublicIP"
-    if lease.attrs.backend_type != config.backend_type:
-        return f"backend type {lease.attrs.backend_type!r} is not {config.backend_type!r}"
-    try:
-        network.check_peer(lease)
-    except GarbledLease as exc:
-        return str(exc)
-    return None

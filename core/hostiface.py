@@ -3,7 +3,8 @@
 Order: ``--iface`` (names or IPs, first match wins), then ``--iface-regex`` (matched against
 interface names and addresses), then ``--iface-can-reach`` (the interface the kernel would use
 to reach that IP), else the interface of the default route.  ``--public-ip`` overrides the
-advertised address (e.g. behind NAT) without changing the interface.
+advertised address (e.g. behind NAT) without changing the interface.  The kernel is read
+through :mod:`overlayd.netlink`, like everywhere else.
 """
 
 from __future__ import annotations
@@ -12,12 +13,13 @@ import ipaddress
 import re
 from collections.abc import Sequence
 from ipaddress import IPv4Address
+from typing import Any
 
 import attrs
-from pyroute2 import IPRoute
-from pyroute2.netlink.exceptions import NetlinkError
 
-from .errors import UserError
+from . import netlink
+from .errors import KernelError, UserError
+from .peers import public_ip_problem
 from .plugin import HostInfo
 
 
@@ -29,21 +31,11 @@ class _Iface:
     addrs: tuple[IPv4Address, ...]
 
 
-def _interfaces(ipr: IPRoute) -> list[_Iface]:
-    addrs: dict[int, list[IPv4Address]] = {}
-    for msg in ipr.get_addr(family=2):
-        addrs.setdefault(msg["index"], []).append(IPv4Address(msg.get_attr("IFA_ADDRESS")))
-    out = []
-    for link in ipr.get_links():
-        out.append(
-            _Iface(
-                name=link.get_attr("IFLA_IFNAME"),
-                index=link["index"],
-                mtu=link.get_attr("IFLA_MTU"),
-                addrs=tuple(addrs.get(link["index"], [])),
-            )
-        )
-    return out
+def _interfaces(ipr: Any) -> list[_Iface]:
+    return [
+        _Iface(name=link.name, index=link.index, mtu=link.mtu, addrs=addrs)
+        for link, addrs in netlink.ipv4_interfaces(ipr)
+    ]
 
 
 def _host(iface: _Iface, public_ip: IPv4Address | None, preferred: IPv4Address | None = None) -> HostInfo:
@@ -70,7 +62,10 @@ def select_host(
             pinned = IPv4Address(public_ip)
         except ValueError as exc:
             raise UserError(f"--public-ip {public_ip!r} is not an IPv4 address") from exc
-    with IPRoute() as ipr:
+        problem = public_ip_problem(pinned)
+        if problem is not None:
+            raise UserError(f"--public-ip {pinned} {problem}; peers could not reach this host there")
+    with netlink.iproute() as ipr:
         all_ifaces = _interfaces(ipr)
         by_name = {i.name: i for i in all_ifaces}
         for wanted in ifaces:
@@ -101,20 +96,18 @@ def select_host(
         target = can_reach
         if target:
             try:
-                ipaddress.ip_address(target)
+                reach = ipaddress.ip_address(target)
             except ValueError as exc:
                 raise UserError(f"--iface-can-reach {target!r} is not an IP address") from exc
             try:
-                routes = ipr.route("get", dst=target)
-            except NetlinkError as exc:
+                routes = netlink.route_get(ipr, reach)
+            except KernelError as exc:
                 raise UserError(f"--iface-can-reach {target}: no route to it ({exc}); pass --iface NAME") from exc
         else:
-            routes = [r for r in ipr.get_default_routes(family=2)]
+            routes = netlink.default_routes(ipr)
         for route in routes:
-            oif = route.get_attr("RTA_OIF")
             for iface in all_ifaces:
-                if iface.index == oif:
-                    src = route.get_attr("RTA_PREFSRC")
-                    return _host(iface, pinned, preferred=IPv4Address(src) if src else None)
+                if iface.index == route.oif:
+                    return _host(iface, pinned, preferred=route.prefsrc)
     where = f"a route to {can_reach}" if can_reach else "a default route"
     raise UserError(f"found no interface with {where}; pass --iface NAME or --iface-can-reach IP")

@@ -78,6 +78,8 @@ class LeaseAttrs:
 def _optional_ip(raw: Any, version: int, name: str) -> Any:
     if raw in (None, ""):
         return None
+    if not isinstance(raw, str):  # ip_address(3232235777) would happily make 192.168.1.1 of a number
+        raise GarbledLease(f"{name} {raw!r} is not an IP address string")
     try:
         addr = ipaddress.ip_address(raw)
     except (ValueError, TypeError) as exc:

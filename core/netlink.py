@@ -1,13 +1,11 @@
-"""Shared netlink helpers for the backends that program the kernel (vxlan, host-gw, udp).
+"""Kernel access over netlink: reading and writing the objects the backends own.
 
 Design:
 
-* **Value objects, keyed by kernel slot.** ``Route``, ``Neighbour`` and ``FdbEntry`` are frozen
-  attrs classes holding ``ipaddress`` objects; their ``key`` is the slot the kernel allows one
-  occupant of, which is what :mod:`overlayd.plan` uses to turn "delete old, add new" into one
-  in-place *replace*.  Devices are named, not indexed, in these objects so that a desired state
-  stays valid when a device is recreated (the index changes, the name does not); names are
-  resolved at apply time.
+* **The only kernel door.**  This is the one module that imports pyroute2; the core
+  (:mod:`overlayd.hostiface`) and the backends call the functions here.  The values it reads and
+  writes (``Route``, ``Neighbour``, ``FdbEntry``, ``MacAddress``, ``Link``) live in
+  :mod:`overlayd.kernel`, free of IO, and are re-exported here for convenience.
 * **Ownership is marked in the kernel.**  Every route overlayd makes carries the route protocol
   number :data:`RTPROT_OVERLAYD` and only routes with that number are ever read back as ours, and
   therefore ever deleted.  Neighbour and FDB entries have no such mark; they are ours because
@@ -35,147 +33,87 @@ import ipaddress
 import logging
 import os
 import socket
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network, IPv6Address, IPv6Interface, IPv6Network
 from typing import Any
 
-import attrs
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from .errors import KernelError
+from .kernel import (
+    RT_TABLE_MAIN,
+    RTPROT_OVERLAYD,
+    AddressIP,
+    Egress,
+    FdbEntry,
+    KernelObject,
+    Link,
+    MacAddress,
+    Neighbour,
+    Route,
+)
 from .plan import Plan
 
 log = logging.getLogger(__name__)
 
-#: Route protocol number that marks the routes overlayd makes (``ip route show proto 79``).
-#: 0x4f is ASCII "O".  It is not taken in the kernel's rtnetlink.h, in iproute2's rt_protos, nor by
-#: the usual routing daemons (bird 12, zebra 11, babel 42, openr 99, bgp 186..., Calico felix 80).
-#: Operators may name it: ``echo "79 overlayd" > /etc/iproute2/rt_protos.d/overlayd.conf``.
-RTPROT_OVERLAYD = 0x4F
+# The value types from overlayd.kernel are re-exported: ``from overlayd.netlink import Route`` works.
+__all__ = [
+    "ADD_OK",
+    "DELETE_OK",
+    "NTF_SELF",
+    "NUD_NOARP",
+    "NUD_PERMANENT",
+    "RTNH_F_ONLINK",
+    "RTPROT_OVERLAYD",
+    "RT_TABLE_MAIN",
+    "AddressIP",
+    "Egress",
+    "FdbEntry",
+    "KernelObject",
+    "Link",
+    "MacAddress",
+    "Neighbour",
+    "Route",
+    "add_address",
+    "add_link",
+    "add_vxlan",
+    "apply_plan",
+    "connected_networks",
+    "default_routes",
+    "delete_address",
+    "delete_fdb",
+    "delete_link",
+    "delete_neighbour",
+    "delete_route",
+    "get_addresses",
+    "get_link",
+    "iproute",
+    "ipv4_interfaces",
+    "kernel_error",
+    "link_index",
+    "link_names",
+    "open_iproute",
+    "read_fdb",
+    "read_neighbours",
+    "read_routes",
+    "replace_fdb",
+    "replace_neighbour",
+    "replace_route",
+    "route_get",
+    "set_link",
+    "translated",
+]
 
-RT_TABLE_MAIN = 254
 RTNH_F_ONLINK = 0x4
 NUD_NOARP = 0x40
 NUD_PERMANENT = 0x80
 NTF_SELF = 0x02
 
-AddressIP = IPv4Address | IPv6Address
-
 #: errnos that mean "already there" for a create, and "already gone" for a delete.
 ADD_OK = frozenset({errno.EEXIST})
 DELETE_OK = frozenset({errno.ENOENT, errno.ESRCH, errno.ENODEV, errno.EADDRNOTAVAIL})
-
-
-# -- value types ---------------------------------------------------------------------------------
-
-
-@attrs.frozen(order=True)
-class MacAddress:
-    """An Ethernet address; ``str()`` gives the canonical ``aa:bb:cc:dd:ee:ff`` form."""
-
-    packed: bytes = attrs.field()
-
-    @packed.validator
-    def _check(self, _attribute: Any, value: bytes) -> None:
-        if len(value) != 6:
-            raise ValueError(f"a MAC address has 6 bytes, not {len(value)}")
-
-    @classmethod
-    def parse(cls, text: object) -> MacAddress:
-        """``"AA:bb:cc:dd:ee:ff"`` or ``"aa-bb-..."`` -> MacAddress; ``ValueError`` otherwise."""
-        if isinstance(text, MacAddress):
-            return text
-        if not isinstance(text, str):
-            raise ValueError(f"{text!r} is not a MAC address")
-        parts = text.replace("-", ":").split(":")
-        if len(parts) != 6 or not all(len(p) == 2 for p in parts):
-            raise ValueError(f"{text!r} is not a MAC address like aa:bb:cc:dd:ee:ff")
-        try:
-            return cls(bytes(int(p, 16) for p in parts))
-        except ValueError as exc:
-            raise ValueError(f"{text!r} is not a MAC address like aa:bb:cc:dd:ee:ff") from exc
-
-    @property
-    def is_unicast(self) -> bool:
-        return not self.packed[0] & 0x01 and self.packed != bytes(6)
-
-    def __str__(self) -> str:
-        return ":".join(f"{b:02x}" for b in self.packed)
-
-
-def _mac(value: str | MacAddress) -> MacAddress:
-    return MacAddress.parse(value)
-
-
-@attrs.frozen
-class Route:
-    """A unicast route that overlayd owns (marked with ``protocol``)."""
-
-    dst: IPv4Network | IPv6Network
-    dev: str
-    gateway: AddressIP | None = None
-    onlink: bool = False
-    protocol: int = RTPROT_OVERLAYD
-    table: int = RT_TABLE_MAIN
-    metric: int = 0
-
-    @property
-    def key(self) -> tuple[str, int, IPv4Network | IPv6Network, int]:
-        return ("route", self.table, self.dst, self.metric)
-
-    def __str__(self) -> str:
-        via = f" via {self.gateway}" if self.gateway is not None else ""
-        return f"{self.dst}{via} dev {self.dev}{' onlink' if self.onlink else ''} proto {self.protocol}"
-
-
-@attrs.frozen
-class Neighbour:
-    """A permanent neighbour (ARP) entry: ``dst`` answers at ``lladdr`` on ``dev``."""
-
-    dst: AddressIP
-    lladdr: MacAddress = attrs.field(converter=_mac)
-    dev: str
-
-    @property
-    def key(self) -> tuple[str, str, AddressIP]:
-        return ("neigh", self.dev, self.dst)
-
-    def __str__(self) -> str:
-        return f"{self.dst} lladdr {self.lladdr} dev {self.dev}"
-
-
-@attrs.frozen
-class FdbEntry:
-    """A permanent forwarding entry on a VXLAN device: frames for ``lladdr`` go to ``dst``."""
-
-    lladdr: MacAddress = attrs.field(converter=_mac)
-    dst: AddressIP
-    dev: str
-
-    @property
-    def key(self) -> tuple[str, str, MacAddress]:
-        return ("fdb", self.dev, self.lladdr)
-
-    def __str__(self) -> str:
-        return f"{self.lladdr} dst {self.dst} dev {self.dev}"
-
-
-KernelObject = Route | Neighbour | FdbEntry
-
-
-@attrs.frozen
-class Link:
-    """What overlayd needs to know about a network device, read from the kernel."""
-
-    index: int
-    name: str
-    kind: str | None
-    mac: MacAddress | None
-    mtu: int
-    up: bool
-    info_data: Mapping[str, Any] = attrs.field(factory=dict, hash=False, eq=False)
 
 
 # -- errors ----------------------------------------------------------------------------------------
@@ -291,6 +229,76 @@ def delete_link(ipr: IPRoute, name: str) -> None:
         return
     with translated(f"deleting device {name}", ok=DELETE_OK):
         ipr.link("del", index=link.index)
+
+
+def add_vxlan(
+    ipr: IPRoute,
+    name: str,
+    *,
+    vni: int,
+    local: IPv4Address | IPv6Address,
+    link_index: int,
+    port: int,
+    mtu: int,
+    gbp: bool = False,
+    learning: bool = False,
+    mac: MacAddress | None = None,
+) -> None:
+    """Create a VXLAN device; an existing one is an error (callers check compatibility first)."""
+    kwargs: dict[str, Any] = {
+        "vxlan_id": vni,
+        "vxlan_link": link_index,
+        "vxlan_port": port,
+        "vxlan_learning": 1 if learning else 0,
+        "mtu": mtu,
+    }
+    kwargs["vxlan_local6" if local.version == 6 else "vxlan_local"] = str(local)
+    if gbp:
+        kwargs["vxlan_gbp"] = True
+    if mac is not None:
+        kwargs["address"] = str(mac)
+    what = f"creating VXLAN device {name} (VNI {vni}, local {local}, port {port})"
+    with translated(what, feature="VXLAN (vxlan module)"):
+        ipr.link("add", ifname=name, kind="vxlan", **kwargs)
+
+
+def ipv4_interfaces(ipr: IPRoute) -> list[tuple[Link, tuple[IPv4Address, ...]]]:
+    """Every device with its IPv4 addresses (kernel order), for choosing the underlay."""
+    addrs: dict[int, list[IPv4Address]] = {}
+    with translated("listing IPv4 addresses"):
+        for msg in ipr.addr("dump", family=socket.AF_INET):
+            addrs.setdefault(int(msg["index"]), []).append(IPv4Address(msg.get("address")))
+    with translated("listing network devices"):
+        links = [_link_from_msg(msg) for msg in ipr.link("dump")]
+    return [(link, tuple(addrs.get(link.index, ()))) for link in links]
+
+
+def _egress(msg: Any) -> Egress | None:
+    oif = msg.get("oif")
+    if oif is None:
+        return None
+    src = msg.get("prefsrc")
+    return Egress(oif=int(oif), prefsrc=IPv4Address(src) if src else None)
+
+
+def route_get(ipr: IPRoute, dst: IPv4Address | IPv6Address) -> list[Egress]:
+    """Where the kernel would send a packet to *dst* (``ip route get``); ``KernelError`` if nowhere."""
+    with translated(f"looking up the route to {dst}"):
+        msgs = ipr.route("get", dst=str(dst), family=_family(dst))
+    return [egress for egress in map(_egress, msgs) if egress is not None]
+
+
+def default_routes(ipr: IPRoute) -> list[Egress]:
+    """The IPv4 default routes of the main table."""
+    out = []
+    with translated("listing routes"):
+        msgs = ipr.route("dump", family=socket.AF_INET, table=RT_TABLE_MAIN)
+    for msg in msgs:
+        if msg["dst_len"] == 0 and msg["type"] == 1 and (msg.get("table") or msg["table"]) == RT_TABLE_MAIN:
+            egress = _egress(msg)
+            if egress is not None:
+                out.append(egress)
+    return out
 
 
 # -- addresses -------------------------------------------------------------------------------------

@@ -3,9 +3,9 @@
 State is a frozenset of frozen, hashable kernel objects (routes, neighbours, FDB entries...).
 Each object has a ``key`` naming the kernel slot it occupies (a route's destination, a
 neighbour's address): when desired and actual disagree on a slot, the plan *replaces* it
-rather than deleting first, so traffic never sees a gap.  ``apply_plan`` simulates applying
-a plan; property tests check that it always yields the desired state and that a second diff
-is empty.
+rather than deleting first, so traffic never sees a gap.  :func:`simulate` computes what
+applying a plan yields (no IO; :func:`overlayd.netlink.apply_plan` is the real thing); property
+tests check that it always yields the desired state and that a second diff is empty.
 """
 
 from __future__ import annotations
@@ -16,13 +16,15 @@ from typing import Generic, Protocol, TypeVar
 import attrs
 
 
-class KernelObject(Protocol, Hashable):
+class Slotted(Protocol, Hashable):
+    """Anything a plan can hold: hashable, with the key of the slot it occupies."""
+
     @property
     def key(self) -> Hashable:
         """The kernel slot this object occupies; two objects with one key cannot coexist."""
 
 
-T = TypeVar("T", bound=KernelObject)
+T = TypeVar("T", bound=Slotted)
 
 
 @attrs.frozen
@@ -50,8 +52,8 @@ def diff(desired: frozenset[T], actual: frozenset[T]) -> Plan[T]:
     return Plan(add=desired - actual, remove=actual - desired)
 
 
-def apply_plan(actual: frozenset[T], plan: Plan[T]) -> frozenset[T]:
-    """What *actual* becomes after the plan: additions replace whatever holds their slot."""
+def simulate(actual: frozenset[T], plan: Plan[T]) -> frozenset[T]:
+    """What *actual* becomes after applying the plan (pure): additions replace whatever holds their slot."""
     slots = {obj.key: obj for obj in actual if obj not in plan.remove}
     for obj in plan.add:
         slots[obj.key] = obj

@@ -23,13 +23,14 @@ import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import datetime, timedelta
 from ipaddress import IPv4Address, IPv4Network, IPv6Address
-from typing import Any, ClassVar, Self
+from typing import Any, ClassVar, Self, TypeVar
 
 import attrs
 
 from . import ipam
 from .config import NetworkConfig
 from .errors import (
+    ConfigError,
     GarbledLease,
     HistoryGone,
     LeaseConflict,
@@ -58,12 +59,26 @@ log = logging.getLogger(__name__)
 ACQUIRE_ATTEMPTS = 10
 
 
-def option(default: Any, help: str, converter: Callable[[Any], Any] | None = None, secret: bool = False) -> Any:
+def option(
+    default: Any,
+    help: str,
+    converter: Callable[[Any], Any] | None = None,
+    secret: bool = False,
+    config_key: str | None = None,
+) -> Any:
     """Declare one plugin option: a default, a one-line help text, an optional converter.
 
-    ``secret=True`` keeps the value out of logs and ``overlayd plugins`` output.
+    ``secret=True`` keeps the value out of logs, ``repr()`` and ``overlayd plugins`` output.
+    ``config_key`` names the flannel key in the network config's ``Backend`` object that sets the
+    same thing (``"VNI"``, ``"DirectRouting"``); when that key is present it beats the option, see
+    :func:`apply_config_keys`.
     """
-    return attrs.field(default=default, converter=converter, metadata={"help": help, "secret": secret})
+    return attrs.field(
+        default=default,
+        converter=converter,
+        repr=not secret,
+        metadata={"help": help, "secret": secret, "config_key": config_key},
+    )
 
 
 @attrs.frozen
@@ -83,6 +98,79 @@ def seconds(value: float | str | timedelta) -> timedelta:
     if isinstance(value, timedelta):
         return value
     return timedelta(seconds=float(value))
+
+
+def to_bool(value: Any) -> bool:
+    """Converter: ``true/false``, ``yes/no``, ``on/off``, ``1/0`` (any case) or a bool -> bool."""
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"{value!r} is not true or false")
+
+
+OptionsT = TypeVar("OptionsT")
+
+
+def apply_config_keys(options: OptionsT, backend: Mapping[str, Any], plugin: str) -> OptionsT:
+    """*options* with every ``option(config_key=...)`` field set from the network config's
+    ``Backend`` object when the key is there (matched case-insensitively, as flannel's Go JSON
+    decoding does).
+
+    The network config wins because one document is shared by every host and they must agree
+    (on a VNI, a port...); a flag or variable that says otherwise is logged as a warning naming
+    both.  A config value of the wrong JSON type is a ``ConfigError`` naming the key.
+    """
+    by_key = {str(key).lower(): value for key, value in backend.items()}
+    changes: dict[str, Any] = {}
+    for field in attrs.fields(type(options)):  # type: ignore[arg-type]
+        key = field.metadata.get("config_key")
+        if not key or key.lower() not in by_key:
+            continue
+        default = field.default.factory() if isinstance(field.default, attrs.Factory) else field.default  # type: ignore[arg-type]
+        value = _config_value(key, by_key[key.lower()], default, field.converter)
+        mine = getattr(options, field.name)
+        if mine != default and mine != value:
+            shown = "<secret>" if field.metadata.get("secret") else repr(mine)
+            log.warning(
+                "%s: the network config's Backend sets %s=%r; ignoring --%s-%s %s",
+                plugin,
+                key,
+                value,
+                plugin,
+                field.name.replace("_", "-"),
+                shown,
+            )
+        changes[field.name] = value
+    return attrs.evolve(options, **changes) if changes else options  # type: ignore[misc]
+
+
+def _config_value(key: str, raw: Any, default: Any, converter: Any) -> Any:
+    """A ``Backend`` value checked against the JSON type the option's default implies."""
+    where = f"network config: Backend {key}"
+    if isinstance(default, bool):
+        if not isinstance(raw, bool):
+            raise ConfigError(f"{where} must be true or false, not {raw!r}")
+        return raw
+    if isinstance(default, int):
+        if isinstance(raw, bool) or not isinstance(raw, int):
+            raise ConfigError(f"{where} must be a whole number, not {raw!r}")
+        return raw
+    if isinstance(default, float):
+        if isinstance(raw, bool) or not isinstance(raw, int | float):
+            raise ConfigError(f"{where} must be a number, not {raw!r}")
+        return float(raw)
+    if isinstance(default, str) and not isinstance(raw, str):
+        raise ConfigError(f"{where} must be a string, not {raw!r}")
+    if callable(converter):
+        try:
+            return converter(raw)
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"{where}: {exc}") from exc
+    return raw
 
 
 class Plugin(abc.ABC):
@@ -588,6 +676,16 @@ class Network(abc.ABC):
     def check_peer(self, lease: Lease) -> None:
         """Raise ``GarbledLease`` when a peer's lease cannot be programmed by this backend."""
 
+    def exclusive_claims(self, lease: Lease) -> frozenset[tuple[str, str]]:
+        """What *lease* claims that no other lease may hold, as ``(what, value)`` pairs.
+
+        vxlan claims ``("VtepMAC", mac)``: two leases with one MAC would fight over one FDB
+        slot.  :func:`overlayd.peers.valid_peers` gives each claim to the oldest lease (this
+        host's own lease always keeps its claims here) and skips, with a warning, the others.
+        Called only on leases that passed :meth:`check_peer`, and on this host's own lease.
+        """
+        return frozenset()
+
     @abc.abstractmethod
     def desired_state(self, own: Lease, peers: Sequence[Lease]) -> frozenset[Any]:
         """The kernel objects that should exist for these peers (pure, no IO)."""
@@ -606,6 +704,20 @@ class Network(abc.ABC):
 
 class Backend(Plugin):
     """How packets cross hosts."""
+
+    @classmethod
+    def describe(cls, lease: Lease) -> Mapping[str, str]:
+        """Columns about *lease* for people (``overlayd leases``, the demo), e.g. ``{"VtepMAC": ...}``.
+
+        Pure: reads only the lease, so the CLI can call it on the backend class without a host.
+        The keys are column titles; a lease that lacks a value gets ``"-"``, never an error.
+        """
+        return {}
+
+    def effective_options(self, config: NetworkConfig) -> Any:
+        """This backend's options with the network config's ``Backend`` keys applied on top
+        (see :func:`apply_config_keys`)."""
+        return apply_config_keys(self.options, config.backend, self.name or type(self).__name__.lower())
 
     @abc.abstractmethod
     def prepare(self, config: NetworkConfig, host: HostInfo) -> Network:

@@ -189,14 +189,7 @@ class EtcdOptions(LeaseTimingOptions):
     certfile: str = option("", "client certificate (PEM) for etcd client-certificate auth")
     keyfile: str = option("", "private key (PEM) of the client certificate")
     username: str = option("", "etcd user name (etcd auth)")
-    password: str = option("", "password of the etcd user", secret=True)
-
-    def __repr__(self) -> str:  # secret options never appear in a logged Options object
-        shown = (
-            f"{field.name}={'***' if field.metadata.get('secret') else repr(getattr(self, field.name))}"
-            for field in attrs.fields(type(self))
-        )
-        return f"EtcdOptions({', '.join(shown)})"
+    password: str = option("", "password of the etcd user", secret=True)  # secret: never in a repr
 
 
 def _rpc_error(exc: BaseException) -> grpc.RpcError | None:

@@ -79,7 +79,7 @@ def test_plan_desired_state_and_second_pass_empty() -> None:
         Route(IPv4Network("10.44.3.0/24"), "flannel.1", IPv4Address("10.44.3.0"), onlink=True),
     }
     first = planmod.diff(desired, frozenset())
-    after = planmod.apply_plan(frozenset(), first)
+    after = planmod.simulate(frozenset(), first)
     assert planmod.diff(desired, after).empty
     # a peer's VTEP MAC changes: neighbour replaced in place, old FDB entry removed
     moved = attrs.evolve(PEER_B, attrs=attrs.evolve(PEER_B.attrs, backend_data={"VNI": 1, "VtepMAC": MAC_C}))
@@ -156,6 +156,14 @@ def test_mtu_above_the_underlay_limit_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match="at most 1450"):
         VxlanBackend(VxlanOptions()).offline(too_big, host, OWN)
     assert VxlanBackend(VxlanOptions(mtu=1450)).offline(CONFIG, host, OWN).mtu == 1450
+
+
+def test_describe_gives_the_vtep_mac_column() -> None:
+    from overlayd.backends.alloc import AllocBackend
+
+    assert VxlanBackend.describe(PEER_B) == {"VtepMAC": MAC_B}
+    assert VxlanBackend.describe(lease("10.44.2.0/24", "192.0.2.2", mac=None)) == {"VtepMAC": "-"}
+    assert AllocBackend.describe(PEER_B) == {}
 
 
 def test_derived_mac_is_stable_unicast_and_local() -> None:
@@ -370,7 +378,7 @@ def test_compatible_device_kept_with_its_mac(host: Host) -> None:
 
 
 @pytest.mark.root
-def test_preferred_mac_used_on_creation(host: Host) -> None:
+def test_given_mac_used_on_creation(host: Host) -> None:
     net = prepare(host, mac="0A:00:00:00:00:99")
     assert net.created
     assert device(host.ns)["address"] == "0a:00:00:00:00:99" == net.backend_data["VtepMAC"]
@@ -401,6 +409,26 @@ def test_deleted_device_is_recreated_with_same_mac(host: Host) -> None:
     assert len(plan.add) == 3
     assert device(host.ns)["address"] == net.backend_data["VtepMAC"]
     assert our_routes(host.ns) == VXLAN_B and fdb(host.ns) == {(MAC_B, "192.0.2.2")}
+
+
+@pytest.mark.root
+def test_copycat_vtep_mac_does_not_take_host1s_traffic(host: Host) -> None:
+    """Issue 10 item 4 on the real kernel: host 1's FDB entry survives a lease copying its MAC."""
+    from overlayd.peers import valid_peers
+
+    net = up(host)
+    own = lease(str(OWN_SUBNET), "192.0.2.1", mac=str(net.mac))  # what this host publishes
+    host1 = attrs.evolve(PEER_B, created_revision=5)
+    copycat = attrs.evolve(lease("10.44.10.0/24", "198.51.100.9", MAC_B), created_revision=9, revision=9)
+    thief = attrs.evolve(lease("10.44.11.0/24", "198.51.100.10", str(net.mac)), created_revision=1)
+    reports: list[tuple[str, int, str]] = []
+    for seen in ([host1], [host1, copycat, thief]):  # the copycats appear after host 1 was programmed
+        peers = valid_peers(CONFIG, net, own, seen, lambda *r: reports.append(r))
+        reconcile(host, net, peers, own=own)
+    assert fdb(host.ns) == {(MAC_B, "192.0.2.2")}
+    assert our_routes(host.ns) == VXLAN_B
+    assert str(net.mac) not in {mac for mac, _ in fdb(host.ns)}
+    assert sorted(key for key, _, _ in reports) == [copycat.key, thief.key]
 
 
 def _counters(ns: str) -> tuple[int, int]:

@@ -63,6 +63,9 @@ def test_public_ip_overrides_the_advertised_address(host: str) -> None:
     assert choose(host, ifaces=("eth0",), public_ip="203.0.113.50")[1] == IPv4Address("203.0.113.50")
     with pytest.raises(UserError, match="--public-ip"):
         choose(host, public_ip="not-an-ip")
+    for impossible in ("0.0.0.0", "127.0.0.1", "255.255.255.255", "224.0.0.9"):
+        with pytest.raises(UserError, match=f"--public-ip {impossible} is .*; peers could not reach"):
+            choose(host, public_ip=impossible)
 
 
 def test_no_default_route_is_a_clear_error(netns: str) -> None:

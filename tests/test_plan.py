@@ -5,7 +5,7 @@ from __future__ import annotations
 import attrs
 from hypothesis import given
 from hypothesis import strategies as st
-from overlayd.plan import Plan, apply_plan, diff
+from overlayd.plan import Plan, diff, simulate
 
 
 @attrs.frozen
@@ -28,12 +28,12 @@ def states() -> st.SearchStrategy[frozenset[Slot]]:
 @given(states(), states())
 def test_applying_the_plan_yields_desired(desired: frozenset[Slot], actual: frozenset[Slot]) -> None:
     plan = diff(desired, actual)
-    assert apply_plan(actual, plan) == desired
+    assert simulate(actual, plan) == desired
 
 
 @given(states(), states())
 def test_second_plan_is_empty(desired: frozenset[Slot], actual: frozenset[Slot]) -> None:
-    after = apply_plan(actual, diff(desired, actual))
+    after = simulate(actual, diff(desired, actual))
     assert diff(desired, after).empty
 
 

@@ -222,7 +222,7 @@ def test_a_running_daemon_reports_a_damaged_store(tmp_path: Path) -> None:
         backend_options={"path": str(tmp_path / "routes.json")},
         network=IPv4Network("10.30.0.0/16"),
         ifaces=("lo",),
-        public_ip="127.0.0.1",
+        public_ip="192.0.2.1",
         subnet_file=str(tmp_path / "subnet.env"),
         resync_period=0.5,
     )

@@ -61,9 +61,9 @@ class RoutesFileNetwork(Network):
             return frozenset()
 
     def apply(self, plan: Plan[Any]) -> None:
-        from overlayd.plan import apply_plan
+        from overlayd.plan import simulate
 
-        rows = sorted((attrs.asdict(r) for r in apply_plan(self.actual_state(), plan)), key=lambda row: row["dst"])
+        rows = sorted((attrs.asdict(r) for r in simulate(self.actual_state(), plan)), key=lambda row: row["dst"])
         tmp = self._path + ".tmp"
         os.makedirs(os.path.dirname(os.path.abspath(self._path)), exist_ok=True)
         with open(tmp, "w") as handle:

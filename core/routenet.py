@@ -1,0 +1,132 @@
+"""The route backend base: "one route per peer, owned by us".
+
+host-gw (``<subnet> via <peer PublicIP> dev <underlay>``), vxlan's DirectRouting and a cloud
+route-table backend all program the same thing: for each peer lease at most one route, marked
+with our route protocol so that only routes we made are ever read back and deleted (felix's
+routetable and flannel's ``pkg/backend/route_network.go`` share the idea).  A backend built on
+:class:`RouteNetwork` writes :meth:`RouteNetwork.route_for` and gets the rest:
+
+* ``desired_state``: peers in key order, this host's own lease and stale leases of this host
+  skipped, ``check_peer`` failures skipped (the daemon reports them), the first lease wins a
+  contested kernel slot.  Pure.
+* ``actual_state`` / ``apply`` / ``teardown`` through :mod:`overlayd.netlink`, idempotent.
+* the on-link test host-gw and DirectRouting need (:meth:`RouteNetwork.on_link`): is a peer's
+  PublicIP inside a subnet connected to the underlay interface?  The connected subnets are read
+  once in ``prepare``/``activate`` (:meth:`RouteNetwork.refresh_connected`).
+
+A backend that programs more than routes per peer (vxlan: a neighbour and an FDB entry too)
+overrides :meth:`RouteNetwork.objects_for` and extends ``actual_state``/``apply``/``teardown``
+rather than copying them.  A cloud backend whose "kernel" is an API overrides ``read_routes`` /
+``write`` the same way.
+"""
+
+from __future__ import annotations
+
+import abc
+import logging
+from collections.abc import Iterable, Sequence
+from ipaddress import IPv4Address, IPv4Network, IPv6Address
+from typing import Any
+
+from . import netlink
+from .errors import GarbledLease, PermanentError
+from .kernel import RT_TABLE_MAIN, RTPROT_OVERLAYD, KernelObject, Route
+from .model import Lease
+from .peers import names_this_host
+from .plan import Plan
+from .plugin import HostInfo, Network
+
+log = logging.getLogger(__name__)
+
+
+class RouteNetwork(Network):
+    """A ``Network`` whose kernel state is (mostly) one owned route per peer."""
+
+    #: Route protocol and table our routes carry; only routes with both are ever ours.
+    protocol: int = RTPROT_OVERLAYD
+    table: int = RT_TABLE_MAIN
+
+    def __init__(self, host: HostInfo, *, connected: Iterable[IPv4Network] = (), offline: bool = False) -> None:
+        self.host = host
+        #: IPv4 subnets on the underlay interface, for :meth:`on_link`.
+        self.connected = frozenset(connected)
+        #: A planning-only network (dry runs): ``apply``, ``activate`` and ``teardown`` refuse to run.
+        self.offline = offline
+
+    # -- what a subclass writes ---------------------------------------------------------------
+
+    @abc.abstractmethod
+    def route_for(self, lease: Lease) -> Route | None:
+        """The one route for a valid peer *lease*, or None to route nothing to it."""
+
+    def objects_for(self, lease: Lease) -> Iterable[KernelObject]:
+        """Every kernel object for a valid peer; override to add more than the route."""
+        route = self.route_for(lease)
+        return () if route is None else (route,)
+
+    # -- helpers ------------------------------------------------------------------------------
+
+    def underlay_ip(self, lease: Lease) -> IPv4Address | IPv6Address | None:
+        """The peer's address on the underlay: its PublicIP."""
+        return lease.attrs.public_ip
+
+    def on_link(self, ip: IPv4Address | IPv6Address) -> bool:
+        """True when *ip* lies in a subnet connected to the underlay interface."""
+        return isinstance(ip, IPv4Address) and any(ip in net for net in self.connected)
+
+    def refresh_connected(self) -> None:
+        """Re-read the underlay interface's connected subnets (after its addresses may have changed)."""
+        if self.host.iface_index > 0:
+            with netlink.iproute() as ipr:
+                self.connected = netlink.connected_networks(ipr, self.host.iface_index)
+
+    def refuse_offline(self, what: str) -> None:
+        if self.offline:
+            raise PermanentError(f"{what} called on a planning-only (dry run) network")
+
+    # -- the Network contract -----------------------------------------------------------------
+
+    def activate(self, lease: Lease) -> None:
+        self.refuse_offline("activate")
+        self.refresh_connected()
+
+    def desired_state(self, own: Lease, peers: Sequence[Lease]) -> frozenset[Any]:
+        host_addresses = (self.host.public_ip, self.host.iface_addr, self.host.public_ipv6)
+        out: dict[Any, KernelObject] = {}
+        for lease in sorted(peers, key=lambda lease: lease.key):
+            if lease.key == own.key or (own.subnet is not None and lease.subnet == own.subnet):
+                continue
+            if names_this_host(own, lease, host_addresses) is not None:
+                continue  # a stale lease of this very host: routing to ourselves would loop
+            try:
+                self.check_peer(lease)
+            except GarbledLease:
+                continue  # never program what cannot be justified; the daemon reports it
+            for obj in self.objects_for(lease):
+                out.setdefault(obj.key, obj)  # first lease (by key) wins a contested slot
+        return frozenset(out.values())
+
+    def read_routes(self) -> frozenset[Route]:
+        """Our routes as the kernel has them now."""
+        with netlink.iproute() as ipr:
+            return netlink.read_routes(ipr, protocol=self.protocol, table=self.table)
+
+    def actual_state(self) -> frozenset[Any]:
+        return self.read_routes()
+
+    def apply(self, plan: Plan[Any]) -> None:
+        self.refuse_offline("apply")
+        if plan.empty:
+            return
+        with netlink.iproute() as ipr:
+            self.before_apply(ipr)
+            netlink.apply_plan(ipr, plan)
+
+    def before_apply(self, ipr: Any) -> None:
+        """Hook run with the apply's netlink socket before the plan (vxlan recreates its device)."""
+
+    def teardown(self) -> None:
+        self.refuse_offline("teardown")
+        with netlink.iproute() as ipr:
+            for route in netlink.read_routes(ipr, protocol=self.protocol, table=self.table):
+                netlink.delete_route(ipr, route)
