@@ -29,9 +29,14 @@ venv:
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
 	$(PY) -m pip install -q $(INSTALL_TARGET)
 
+# lint-imports holds the layers (pyproject.toml [tool.importlinter]); like mypy it needs the
+# plain installed copy, since it cannot follow the editable install's package-dir mapping.
 lint: venv
 	$(VENV)/bin/ruff check core backends stores tests examples bench
 	$(VENV)/bin/ruff format --check core backends stores tests examples bench
+	@rm -rf build/lint-imports
+	@$(PY) -m pip install -q --no-deps --no-compile --target build/lint-imports . >/dev/null
+	cd build/lint-imports && ../../$(VENV)/bin/lint-imports --no-cache ../../pyproject.toml
 
 # mypy cannot follow the editable install's package-dir mapping, so it checks a plain copy.
 typecheck: venv

@@ -10,10 +10,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from overlayd.config import NetworkConfig
-from overlayd.model import Lease
-from overlayd.plan import Plan
-from overlayd.plugin import Backend, HostInfo, Network
+from overlayd.sdk import Backend, HostInfo, Lease, Network, NetworkConfig, Plan
 
 
 class AllocNetwork(Network):

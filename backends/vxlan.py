@@ -60,13 +60,26 @@ from ipaddress import IPv4Address, IPv4Interface, IPv4Network, IPv6Address
 from typing import Any
 
 import attrs
-from overlayd import netlink
-from overlayd.config import NetworkConfig
-from overlayd.errors import ConfigError, GarbledLease, KernelError
-from overlayd.kernel import FdbEntry, KernelObject, MacAddress, Neighbour, Route
-from overlayd.model import Lease
-from overlayd.plugin import Backend, HostInfo, Network, apply_config_keys, option, to_bool
-from overlayd.routenet import RouteNetwork
+from overlayd.sdk import (
+    Backend,
+    ConfigError,
+    FdbEntry,
+    GarbledLease,
+    HostInfo,
+    KernelError,
+    KernelObject,
+    Lease,
+    MacAddress,
+    Neighbour,
+    Network,
+    NetworkConfig,
+    Route,
+    RouteNetwork,
+    apply_config_keys,
+    netlink,
+    option,
+    to_bool,
+)
 
 log = logging.getLogger(__name__)
 

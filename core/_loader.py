@@ -9,9 +9,11 @@ optional dependency is missing becomes a ``PluginMissingDependency`` with the pi
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from importlib import metadata
 from typing import Any, TypeVar
 
+import attrs
 from stevedore import driver, extension
 
 from .errors import PluginBroken, PluginMissingDependency, PluginNotFound, UserError
@@ -77,6 +79,35 @@ def all_plugins(group: str) -> dict[str, type[Plugin] | Exception]:
         except (UserError, PluginBroken) as exc:
             out[name] = exc
     return out
+
+
+def build_options(cls: type[Plugin], values: Mapping[str, Any]) -> Any:
+    """``cls.Options`` from a mapping; keys may use dashes or underscores; None means "default"."""
+    fields = {field.name for field in attrs.fields(cls.Options)}
+    kwargs = {}
+    for key, value in values.items():
+        name = key.replace("-", "_")
+        if name not in fields:
+            known = ", ".join(sorted(f.replace("_", "-") for f in fields)) or "none"
+            raise UserError(f"{cls.name or cls.__name__} has no option {key!r}; its options: {known}")
+        if value is not None:
+            kwargs[name] = value
+    try:
+        return cls.Options(**kwargs)
+    except (TypeError, ValueError) as exc:
+        raise UserError(f"bad option for {cls.name or cls.__name__}: {exc}") from exc
+
+
+def new_store(name: str, options: Mapping[str, Any]) -> Store:
+    """An instance of the store plugin *name* configured with *options*."""
+    cls = load_store(name)
+    return cls.from_options(build_options(cls, options))
+
+
+def new_backend(name: str, options: Mapping[str, Any]) -> Backend:
+    """An instance of the backend plugin *name* configured with *options* (touches nothing yet)."""
+    cls = load_backend(name)
+    return cls.from_options(build_options(cls, options))
 
 
 def _reraise(manager: extension.ExtensionManager[Any], entrypoint: metadata.EntryPoint, exc: BaseException) -> None:

@@ -36,13 +36,39 @@ import sys
 import tempfile
 import time
 import weakref
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 from pathlib import Path
 from typing import Any, TypeVar
 
 import attrs
+
+from ._lab.netns import (
+    LabError,
+    add_netns,
+    delete_netns,
+    kill_netns_processes,
+    list_netns,
+    netns_pids,
+    ns_exec,
+    run,
+    wait_until,
+)
+
+__all__ = [  # the lab helpers the e2e tests reach through this module
+    "Cluster",
+    "TopologyError",
+    "cleanup_leftovers",
+    "cluster",
+    "delete_netns",
+    "kill_netns_processes",
+    "list_netns",
+    "netns_pids",
+    "ns_exec",
+    "run",
+    "wait_until",
+]
 
 log = logging.getLogger(__name__)
 
@@ -61,9 +87,8 @@ T = TypeVar("T")
 _live: weakref.WeakSet[Cluster] = weakref.WeakSet()
 
 
-class TopologyError(RuntimeError):
-    """A step of building, running or inspecting the namespace cluster failed."""
-
+# One error for the whole lab: what ``_lab.netns.run`` raises is a TopologyError too.
+TopologyError = LabError
 
 # -- small helpers -------------------------------------------------------------------------------
 
@@ -71,68 +96,6 @@ class TopologyError(RuntimeError):
 def new_prefix() -> str:
     """A fresh per-run prefix, ``ovd`` + 4 hex digits + ``-``."""
     return f"ovd{secrets.token_hex(2)}-"
-
-
-def run(argv: Sequence[str], *, check: bool = True, timeout: float = 30.0) -> subprocess.CompletedProcess[str]:
-    """Run a short command; raise ``TopologyError`` with its stderr when it fails and *check*."""
-    log.debug("run: %s", " ".join(argv))
-    try:
-        proc = subprocess.run(list(argv), capture_output=True, text=True, timeout=timeout, check=False)
-    except subprocess.TimeoutExpired as exc:
-        raise TopologyError(f"{' '.join(argv)!r} did not finish within {timeout:g}s") from exc
-    if check and proc.returncode != 0:
-        raise TopologyError(f"{' '.join(argv)!r} failed ({proc.returncode}): {proc.stderr.strip()}")
-    return proc
-
-
-def ns_exec(ns: str, argv: Sequence[str]) -> list[str]:
-    """The argv that runs *argv* inside namespace *ns*."""
-    return ["ip", "netns", "exec", ns, *argv]
-
-
-def wait_until(predicate: Callable[[], T | None], timeout: float, interval: float = 0.05, what: str = "condition") -> T:
-    """Poll *predicate* until it returns something truthy; return that, or raise ``TimeoutError``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        result = predicate()
-        if result:
-            return result
-        if time.monotonic() >= deadline:
-            raise TimeoutError(f"{what}: not reached within {timeout:g}s")
-        time.sleep(interval)
-
-
-def list_netns() -> list[str]:
-    out = run(["ip", "netns", "list"]).stdout
-    return [line.split()[0] for line in out.splitlines() if line.strip()]
-
-
-def netns_pids(ns: str) -> list[int]:
-    proc = run(["ip", "netns", "pids", ns], check=False)
-    return [int(tok) for tok in proc.stdout.split() if tok.isdigit()]
-
-
-def kill_netns_processes(ns: str, timeout: float = 5.0) -> None:
-    """SIGKILL every process in *ns* and wait until none is left."""
-    deadline = time.monotonic() + timeout
-    while True:
-        pids = [pid for pid in netns_pids(ns) if pid != os.getpid()]
-        if not pids:
-            return
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-        if time.monotonic() >= deadline:
-            log.warning("processes %s in %s survived SIGKILL", pids, ns)
-            return
-        time.sleep(0.05)
-
-
-def delete_netns(ns: str) -> None:
-    kill_netns_processes(ns)
-    proc = run(["ip", "netns", "del", ns], check=False)
-    if proc.returncode != 0 and ns in list_netns():
-        log.warning("could not delete namespace %s: %s", ns, proc.stderr.strip())
 
 
 def _proc_start_time(pid: int) -> str | None:
@@ -535,7 +498,7 @@ class Cluster:
         self.hosts: list[Host] = []
         self.processes: list[NsProcess] = []
         self.namespaces: list[str] = []
-        self.etcd: Any = None  # an overlayd.testing.etcd.EtcdServer once start_etcd() ran
+        self.etcd: Any = None  # an overlayd._lab.etcd.EtcdServer once start_etcd() ran
         self._overlayd: str | None = None
         self._cleaned = False
 
@@ -569,7 +532,7 @@ class Cluster:
             raise TopologyError(f"namespace {ns!r} lacks the run prefix {self.prefix!r}")
         self.namespaces.append(ns)
         self._write_record()  # recorded before it exists, so a crash right after leaves it findable
-        run(["ip", "netns", "add", ns])
+        add_netns(ns)
 
     def remove_netns(self, ns: str) -> None:
         delete_netns(ns)
@@ -585,7 +548,6 @@ class Cluster:
         try:
             self.add_netns(self.switch_ns)
             sw = ["ip", "-n", self.switch_ns]
-            run([*sw, "link", "set", "lo", "up"])
             run([*sw, "link", "add", self.bridge, "type", "bridge"])
             run([*sw, "link", "set", self.bridge, "up"])
             for _ in range(self.n_hosts):
@@ -603,7 +565,6 @@ class Cluster:
         _check_ifname(port, inside)
         run(["ip", "-n", self.switch_ns, "link", "add", port, "type", "veth", "peer", "name", inside, "netns", ns])
         run(["ip", "-n", self.switch_ns, "link", "set", port, "master", self.bridge, "up"])
-        run(["ip", "-n", ns, "link", "set", "lo", "up"])
         run(["ip", "-n", ns, "addr", "add", str(address), "dev", inside])
         run(["ip", "-n", ns, "link", "set", inside, "up"])
 
@@ -650,7 +611,7 @@ class Cluster:
     def start_etcd(self, timeout: float = 30.0) -> None:
         """A single-member etcd in the store namespace, serving on the underlay address.
 
-        ``overlayd.testing.etcd.EtcdServer`` with an ``ip netns exec`` command prefix; its health
+        ``overlayd._lab.etcd.EtcdServer`` with an ``ip netns exec`` command prefix; its health
         check then runs through the same prefix, inside the store namespace (from the caller's
         namespace the underlay address is not reachable).
         """
@@ -658,7 +619,7 @@ class Cluster:
             raise TopologyError("this cluster was built without a store namespace (store_ns=True)")
         if not Path(shutil.which("etcd") or "/usr/bin/etcd").exists():
             raise TopologyError("the etcd binary is missing (apt-get install etcd-server)")
-        from .testing.etcd import EtcdError, EtcdServer
+        from ._lab.etcd import EtcdError, EtcdServer
 
         self.etcd = EtcdServer(
             name=f"{self.prefix}etcd",

@@ -21,6 +21,7 @@ from typing import Any
 import attrs
 
 from . import _loader
+from ._loader import build_options as build_options  # part of the library API
 from .config import DEFAULT_BACKEND_TYPE, NetworkConfig
 from .errors import UserError
 from .model import Lease, LeaseEvent, LeaseList
@@ -29,23 +30,6 @@ from .plan import Plan, diff
 from .plugin import Backend, HostInfo, Plugin, Store
 
 ENV_PREFIX = "OVERLAYD"
-
-
-def build_options(cls: type[Plugin], values: Mapping[str, Any]) -> Any:
-    """``cls.Options`` from a mapping; keys may use dashes or underscores; None means "default"."""
-    fields = {field.name for field in attrs.fields(cls.Options)}
-    kwargs = {}
-    for key, value in values.items():
-        name = key.replace("-", "_")
-        if name not in fields:
-            known = ", ".join(sorted(f.replace("_", "-") for f in fields)) or "none"
-            raise UserError(f"{cls.name or cls.__name__} has no option {key!r}; its options: {known}")
-        if value is not None:
-            kwargs[name] = value
-    try:
-        return cls.Options(**kwargs)
-    except (TypeError, ValueError) as exc:
-        raise UserError(f"bad option for {cls.name or cls.__name__}: {exc}") from exc
 
 
 def store_class(name: str) -> type[Store]:
@@ -66,16 +50,23 @@ def installed_plugins() -> dict[str, dict[str, type[Plugin] | Exception]]:
     }
 
 
+def installed_plugin_names() -> dict[str, list[str]]:
+    """``{"store": [...], "backend": [...]}``: the names of the installed plugins, read from the
+    entry points without importing any plugin (cheap: no client library is loaded)."""
+    return {
+        "store": _loader.installed_names(_loader.STORES),
+        "backend": _loader.installed_names(_loader.BACKENDS),
+    }
+
+
 def open_store(name: str = "embedded", **options: Any) -> Store:
     """Open the store plugin *name* with *options* (e.g. ``endpoints="http://127.0.0.1:2379"``)."""
-    cls = store_class(name)
-    return cls.from_options(build_options(cls, options))
+    return _loader.new_store(name, options)
 
 
 def load_backend(name: str = DEFAULT_BACKEND_TYPE, **options: Any) -> Backend:
     """Instantiate the backend plugin *name* with *options*; touches nothing until ``prepare``."""
-    cls = backend_class(name)
-    return cls.from_options(build_options(cls, options))
+    return _loader.new_backend(name, options)
 
 
 def open_store_from_environment(
@@ -91,7 +82,7 @@ def open_store_from_environment(
         try:
             with open(path, "rb") as handle:
                 doc = tomllib.load(handle)
-        except (OSError, tomllib.TOMLDecodeError) as exc:
+        except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError) as exc:
             raise UserError(f"cannot read config file {path}: {exc}") from exc
     name = str(env.get(f"{ENV_PREFIX}_STORE") or doc.get("store") or "embedded")
     cls = store_class(name)

@@ -3,8 +3,14 @@
 The CLI owns the process (logging setup, signal handlers, exit codes); everything it does goes
 through the public library API.  Every installed plugin's attrs ``Options`` become global flags
 ``--<plugin>-<option>`` with env vars ``OVERLAYD_<PLUGIN>_<OPTION>``, derived at start-up, so a
-third-party plugin gets flags by being installed.  ``--config FILE`` (TOML) supplies defaults
-below flags and env vars: top-level keys are global options, ``[plugin]`` tables plugin options.
+third-party plugin gets flags by being installed; ``--help`` shows them in one titled section
+per plugin, after the core options.  ``--config FILE`` (TOML) supplies defaults below flags and
+env vars: top-level keys are global options, ``[plugin]`` tables plugin options.
+
+Building those flags imports every plugin (and its client library: grpc for etcd), so it is done
+only when the command line can use them: ``overlayd status`` or ``overlayd demo`` with no plugin
+flag never import a plugin.  Options of every installed backend are collected, because which
+backend is in force is often only known once the daemon has read the network config.
 
 Errors: a ``UserError`` (or a click usage error) is one line on stderr and exit code 2; any
 other overlayd error is one line and exit code 1; only a bug shows a traceback.
@@ -13,7 +19,6 @@ other overlayd error is one line and exit code 1; only a bug shows a traceback.
 from __future__ import annotations
 
 import contextlib
-import ipaddress
 import json
 import logging
 import signal
@@ -31,12 +36,21 @@ from typing import Any
 
 import attrs
 import click
+import cloup
 
-from .api import backend_class, installed_plugins, open_store, store_class, write_network_config
+from .api import (
+    backend_class,
+    installed_plugin_names,
+    installed_plugins,
+    open_store,
+    store_class,
+    write_network_config,
+)
 from .config import NetworkConfig
 from .daemon import DaemonSettings
 from .daemon import run as run_daemon
-from .errors import ConfigError, OverlaydError, UserError
+from .demo import demo_command
+from .errors import OverlaydError, UserError
 from .model import Lease
 from .peers import public_ip_problem
 from .plugin import Backend, Plugin, Store
@@ -118,6 +132,8 @@ def _load_config_file(ctx: click.Context, param: click.Parameter, value: str | N
             doc = tomllib.load(handle)
     except OSError as exc:
         raise click.BadParameter(f"cannot read {value}: {exc.strerror}", ctx, param) from exc
+    except UnicodeDecodeError as exc:
+        raise click.BadParameter(f"{value} is not UTF-8 text (byte {exc.start}); save it as UTF-8", ctx, param) from exc
     except tomllib.TOMLDecodeError as exc:
         raise click.BadParameter(f"{value} is not valid TOML: {exc}", ctx, param) from exc
     defaults: dict[str, Any] = {}
@@ -129,6 +145,10 @@ def _load_config_file(ctx: click.Context, param: click.Parameter, value: str | N
             defaults[key.replace("-", "_")] = item
     known = {p.name for p in ctx.command.params}
     unknown = sorted(set(defaults) - known)
+    if isinstance(ctx.command, _Group) and not ctx.command.plugins_loaded:
+        # Plugin tables are checked only when the plugins' flags exist (see _Group).
+        prefixes = tuple(f"{_ident(name)}_" for name in _plugin_names())
+        unknown = [key for key in unknown if not key.startswith(prefixes)]
     if unknown:
         raise click.BadParameter(f"{value}: unknown setting(s) {', '.join(unknown)}", ctx, param)
     ctx.default_map = {**(ctx.default_map or {}), **defaults}
@@ -147,15 +167,58 @@ def _cidr(ctx: click.Context, param: click.Parameter, value: str | None) -> IPv4
 # -- the group ---------------------------------------------------------------------------------
 
 
-class _Group(click.Group):
-    """A group whose global options include every installed plugin's options."""
+#: Commands that need no plugin flag: they run without importing any plugin.
+LIGHT_COMMANDS = frozenset({"status", "demo"})
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        for _kind, plugins in installed_plugins().items():
+CORE_OPTIONS = cloup.OptionGroup("Core options")
+
+
+def _plugin_names() -> list[str]:
+    return [name for names in installed_plugin_names().values() for name in names]
+
+
+class _Group(cloup.Group):
+    """A group whose global options include every installed plugin's options, one help section
+    per plugin, added on first need (see the module note)."""
+
+    plugins_loaded = False
+
+    def load_plugin_params(self) -> None:
+        if self.plugins_loaded:
+            return
+        self.plugins_loaded = True
+        for kind, plugins in installed_plugins().items():
             for name, cls in plugins.items():
-                if isinstance(cls, type):
-                    self.params.extend(plugin_params(cls, name))
+                if not isinstance(cls, type):
+                    continue
+                section = cloup.OptionGroup(f"{kind.capitalize()} {name} options")
+                for param in plugin_params(cls, name):
+                    param.group = section  # type: ignore[attr-defined]  # how cloup marks a grouped option
+                    self.params.append(param)
+        self.arguments, self.option_groups, self.ungrouped_options = self._group_params(self.params)
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        if self._needs_plugins(args):
+            self.load_plugin_params()
+        return super().parse_args(ctx, args)
+
+    def _needs_plugins(self, args: list[str]) -> bool:
+        """False only when *args* name a light command and give no option outside the core ones."""
+        core: dict[str, click.Option] = {}
+        for candidate in self.params:
+            if isinstance(candidate, click.Option):
+                core.update(dict.fromkeys([*candidate.opts, *candidate.secondary_opts], candidate))
+        i = 0
+        while i < len(args):
+            token = args[i]
+            if not token.startswith("-"):
+                return token not in LIGHT_COMMANDS
+            param = core.get(token.split("=", 1)[0])
+            if param is None:
+                return True  # a plugin flag, --help, or a typo: let click see every option
+            takes_value = not (param.is_flag or param.count)
+            i += 2 if takes_value and "=" not in token else 1
+        return True  # no command: the daemon
 
 
 def _global_options(f: Callable[..., Any]) -> Callable[..., Any]:
@@ -216,7 +279,14 @@ def _global_options(f: Callable[..., Any]) -> Callable[..., Any]:
     return f
 
 
+def _mark_core(f: Callable[..., Any]) -> Callable[..., Any]:
+    for param in getattr(f, "__click_params__", []):
+        param.group = CORE_OPTIONS
+    return f
+
+
 @click.group(cls=_Group, invoke_without_command=True, context_settings={"auto_envvar_prefix": ENV_PREFIX})
+@_mark_core
 @_global_options
 @click.pass_context
 def cli(ctx: click.Context, /, **params: Any) -> None:
@@ -256,15 +326,20 @@ def _opened_store() -> Iterator[Store]:
 
 def settings_from_params(params: dict[str, Any]) -> DaemonSettings:
     store_cls = store_class(params["store"])
-    backend_options: dict[str, Any] = {}
     if params["backend"]:
-        backend_cls = backend_class(params["backend"])
-        backend_options = plugin_options(params, params["backend"], backend_cls)
+        backend_class(params["backend"])  # an unknown --backend is a user error before anything runs
+    # Every installed backend's options: the daemon picks those of the backend in force once it
+    # has read the network config, and warns about options given for another one.
+    given = {
+        name: plugin_options(params, name, cls)
+        for name, cls in installed_plugins()["backend"].items()
+        if isinstance(cls, type)
+    }
     return DaemonSettings(
         store=params["store"],
         store_options=plugin_options(params, params["store"], store_cls),
         backend=params["backend"],
-        backend_options=backend_options,
+        plugin_options={name: values for name, values in given.items() if values},
         network=params["network"],
         subnet_len=params["subnet_len"],
         ifaces=tuple(params["iface"]),
@@ -290,8 +365,14 @@ def run() -> None:
         log.info("received %s; stopping", signal.Signals(signum).name)
         stop.set()
 
+    def on_hangup(signum: int, frame: types.FrameType | None) -> None:
+        # SIGHUP's default action ends the process silently, skipping --release-on-exit.  The
+        # daemon has no state to reload that a restart would not give more safely, so it stays up.
+        log.warning("received SIGHUP; overlayd does not reload its settings (restart it to change them), continuing")
+
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGHUP, on_hangup)
     run_daemon(settings, stop)
 
 
@@ -526,15 +607,7 @@ def plugins() -> None:
 # -- entry point -------------------------------------------------------------------------------
 
 
-def _register_optional_commands() -> None:
-    try:
-        from .demo import demo_command
-    except ImportError:  # pragma: no cover - the demo module is part of the package
-        return
-    cli.add_command(demo_command, "demo")
-
-
-_register_optional_commands()
+cli.add_command(demo_command, "demo")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -547,7 +620,7 @@ def main(argv: list[str] | None = None) -> None:
     except click.ClickException as exc:
         click.echo(f"overlayd: error: {exc.format_message()}", err=True)
         sys.exit(exc.exit_code)
-    except (UserError, ConfigError) as exc:
+    except UserError as exc:
         click.echo(f"overlayd: error: {exc}", err=True)
         sys.exit(2)
     except OverlaydError as exc:
@@ -556,6 +629,3 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         sys.exit(130)
     sys.exit(0)
-
-
-_ = ipaddress  # ipaddress types are used in annotations and callbacks

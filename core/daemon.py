@@ -1,8 +1,10 @@
 """The overlayd daemon: a level-triggered reconciler from store leases to kernel state.
 
-Start-up (SPEC §5): pick the underlay interface, load or create the network config, let the
-backend prepare its device (so BackendData such as the VTEP MAC is known), acquire or reuse a
-lease carrying that data, finish the backend setup, then write the subnet file.
+Start-up: check what can be checked locally (the subnet file's path, the health server's
+address) before anything else, so a typo costs no lease and no kernel state; pick the underlay
+interface, load or create the network config, pick the options of the backend the config names,
+let the backend prepare its device (so BackendData such as the VTEP MAC is known), acquire or
+reuse a lease carrying that data, finish the backend setup, then write the subnet file.
 
 Then one loop, single-threaded on purpose: each pass lists every lease (a snapshot, never a
 replay of events), keeps our own lease alive, computes the desired kernel state for the valid
@@ -11,7 +13,8 @@ it waits on the store's event stream, which only decides *when* the next pass ru
 the resync period, or the renewal deadline, whichever comes first.  A store outage leaves the
 datapath untouched (the last snapshot keeps being enforced, so kernel drift is still repaired)
 and is retried with capped, jittered exponential backoff.  A lost lease is re-acquired,
-preferring the same subnet, instead of exiting.
+preferring the same subnet, instead of exiting.  The subnet file is desired state too: every
+pass compares it with what it should say and rewrites it when someone deleted or edited it.
 
 The daemon owns no process-wide state: no signal handlers, no logging config.  ``run()`` returns
 when the given ``threading.Event`` is set; the CLI owns the process.
@@ -31,16 +34,15 @@ from typing import Any
 
 import attrs
 
-from . import plan
-from .api import load_backend, open_store
+from . import _loader, plan
 from .config import DEFAULT_BACKEND_TYPE, NetworkConfig
-from .errors import HistoryGone, LeaseLost, OverlaydError, StoreCorrupted, TransientError, UserError
+from .errors import HistoryGone, KernelError, LeaseLost, OverlaydError, StoreCorrupted, TransientError, UserError
 from .health import DaemonStatus, HealthServer
 from .hostiface import select_host
 from .model import Lease, LeaseAttrs, LeaseList
 from .peers import public_ip_problem, valid_peers
 from .plugin import Backend, HostInfo, Network, Store
-from .subnetfile import SubnetFile, previous_subnet, write_subnet_file
+from .subnetfile import SubnetFile, check_writable, previous_subnet, read_bounded, write_subnet_file
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +58,11 @@ class DaemonSettings:
     store: str = "embedded"
     store_options: Mapping[str, Any] = attrs.field(factory=dict)
     backend: str | None = None  # None: the stored config's Backend.Type
-    backend_options: Mapping[str, Any] = attrs.field(factory=dict)
+    backend_options: Mapping[str, Any] = attrs.field(factory=dict)  # for whichever backend is in force
+    #: Options given for any installed backend, keyed by plugin name (what the CLI collects from
+    #: flags, env vars and TOML); the daemon uses those of the backend in force and warns about
+    #: the others.  ``backend_options`` wins over these.
+    plugin_options: Mapping[str, Mapping[str, Any]] = attrs.field(factory=dict)
     network: IPv4Network | None = None
     subnet_len: int | None = None
     ifaces: tuple[str, ...] = ()
@@ -126,6 +132,24 @@ def resolve_network_config(
     return config
 
 
+def backend_options_in_force(settings: DaemonSettings, backend: str) -> dict[str, Any]:
+    """The options for *backend* (the one the network config names): ``plugin_options[backend]``
+    under ``backend_options``.  Options given for any other backend are ignored with a warning
+    that names both, since they usually mean the operator expected another backend."""
+    for name, values in sorted(settings.plugin_options.items()):
+        given = sorted(key for key, value in values.items() if value is not None)
+        if name != backend and given:
+            log.warning(
+                "ignoring option(s) %s of backend %s: the backend in force is %s",
+                ", ".join(f"--{name}-{key.replace('_', '-')}" for key in given),
+                name,
+                backend,
+            )
+    chosen = {k: v for k, v in settings.plugin_options.get(backend, {}).items() if v is not None}
+    chosen.update(settings.backend_options)
+    return chosen
+
+
 class Daemon:
     def __init__(self, settings: DaemonSettings, *, store: Store | None = None, backend: Backend | None = None) -> None:
         self.settings = settings
@@ -139,6 +163,7 @@ class Daemon:
         self.lease: Lease | None = None
         self._snapshot: LeaseList | None = None
         self._reported: set[tuple[str, int]] = set()
+        self._subnet_file_text: str | None = None  # what this daemon last wrote there
         self._health: HealthServer | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -156,9 +181,11 @@ class Daemon:
             self.close()
 
     def start(self, stop: threading.Event) -> bool:
-        """Steps 1-4 of SPEC §5.  Transient store errors are retried; False if stopped meanwhile."""
+        """Bring the host up (see the module note).  Transient store errors are retried; False
+        if stopped meanwhile."""
         settings = self.settings
         backoff = Backoff()
+        check_writable(settings.subnet_file)
         self.host = select_host(settings.ifaces, settings.iface_regex, settings.iface_can_reach, settings.public_ip)
         while True:
             try:
@@ -174,7 +201,9 @@ class Daemon:
         problem = public_ip_problem(ip, self.config.network) if ip is not None else None
         if problem is not None:
             raise UserError(f"public IP {ip} {problem}; pass --public-ip or --iface")
-        backend = self._backend or load_backend(self.config.backend_type, **dict(settings.backend_options))
+        backend = self._backend or _loader.new_backend(
+            self.config.backend_type, backend_options_in_force(settings, self.config.backend_type)
+        )
         self.network = backend.prepare(self.config, self.host)
         try:
             lease = self._acquire_until_done(stop)
@@ -233,16 +262,36 @@ class Daemon:
         self.status.lease_expiration = lease.expiration.isoformat() if lease.expiration else None
         if changed:
             self.network.activate(lease)
-            write_subnet_file(
-                self.settings.subnet_file,
-                SubnetFile(
-                    network=self.config.network,
-                    subnet=lease.subnet,
-                    mtu=self.network.mtu,
-                    ip_masq=self.settings.ip_masq,
-                ),
-            )
+            self._subnet_file_text = None  # whatever is there now was for another subnet
+            self._keep_subnet_file()
+
+    def _desired_subnet_file(self) -> str:
+        assert self.config and self.network and self.lease
+        return SubnetFile(
+            network=self.config.network,
+            subnet=self.lease.subnet,
+            mtu=self.network.mtu,
+            ip_masq=self.settings.ip_masq,
+        ).render()
+
+    def _keep_subnet_file(self) -> None:
+        """Make the subnet file say what it should: written at start, repaired when someone
+        deleted or edited it (one stat and one bounded read per pass)."""
+        want = self._desired_subnet_file()
+        path = self.settings.subnet_file
+        have = read_bounded(path)
+        if have == want.encode():
             self.status.subnet_file_written = True
+            return
+        if self._subnet_file_text == want:
+            log.warning("subnet file %s was %s; rewriting it", path, "removed" if have is None else "changed")
+        try:
+            write_subnet_file(path, want)
+        except OSError as exc:
+            self.status.subnet_file_written = False
+            raise KernelError(f"cannot write the subnet file {path}: {exc.strerror or exc}") from exc
+        self._subnet_file_text = want
+        self.status.subnet_file_written = True
 
     def release(self) -> None:
         """``--release-on-exit``: give the lease back and remove what overlayd made."""
@@ -269,7 +318,7 @@ class Daemon:
     @property
     def store(self) -> Store:
         if self._store is None:
-            self._store = open_store(self.settings.store, **dict(self.settings.store_options))
+            self._store = _loader.new_store(self.settings.store, self.settings.store_options)
         return self._store
 
     def _start_health(self) -> None:
@@ -290,6 +339,7 @@ class Daemon:
                 self.status.store_healthy = True
                 self._keep_lease(snapshot)
                 self.reconcile(snapshot)
+                self._keep_subnet_file()
                 log.debug(
                     "pass at revision %d: list %.1f ms, reconcile %.1f ms",
                     snapshot.revision,

@@ -7,6 +7,15 @@ ping matrix between containers, an iperf3 figure — and remove everything again
 command, so it owns the process: it installs signal handlers so that Ctrl-C or SIGTERM still
 cleans up, and it exits 0 only when every ping got through (2 for usage errors such as not being
 root, 1 for a failed run).
+
+Scale.  Every host talks to every other over the shared underlay, so the cluster needs about
+``hosts * (hosts + 1)`` dynamic ARP entries, and the kernel keeps them in one neighbour table
+for all namespaces, bounded by ``net.ipv4.neigh.default.gc_thresh3`` (1024 by default), which
+only the root namespace can change (on Linux 6.x the ``gc_thresh*`` sysctls do not exist inside
+a namespace).  The demo never touches the root namespace's sysctls, so it refuses a ``--hosts``
+that would overflow that table (50 hosts lost 226 of 2450 pings with "neighbor table overflow")
+and names the sysctl that an operator may raise.  A step that finds a failure says FAILED, never
+ok, even when it raised nothing.
 """
 
 from __future__ import annotations
@@ -44,6 +53,7 @@ class Progress:
         self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
         self.t0 = time.monotonic()
         self._detail = ""
+        self._failed = False
         self._lock = threading.Lock()
 
     def _write(self, text: str) -> None:
@@ -54,10 +64,16 @@ class Progress:
     def update(self, detail: str) -> None:
         self._detail = detail
 
+    def fail(self, detail: str) -> None:
+        """Mark the current step failed (it ends with FAILED, not ok) without raising."""
+        self._detail = detail
+        self._failed = True
+
     @contextlib.contextmanager
     def step(self, title: str) -> Iterator[Progress]:
         start = time.monotonic()
         self._detail = ""
+        self._failed = False
         stop = threading.Event()
         ticker: threading.Thread | None = None
         if self.tty:
@@ -77,7 +93,7 @@ class Progress:
         ok = False
         try:
             yield self
-            ok = True
+            ok = not self._failed
         finally:
             stop.set()
             if ticker is not None:
@@ -89,6 +105,44 @@ class Progress:
                 self._write(f"\r\033[K {'✓' if ok else '✗'} {title}{extra} ({took:.1f}s)\n")
             else:
                 self._write(f"{mark}{extra} ({took:.1f}s)\n")
+
+
+NEIGH_TABLE_SYSCTL = "/proc/sys/net/ipv4/neigh/default/gc_thresh3"
+NEIGH_RESERVE = 128  # entries left for everything else on the machine (the table is shared)
+
+
+def neighbour_entries_needed(hosts: int) -> int:
+    """Dynamic neighbour entries a demo cluster needs: each host resolves every other host's
+    underlay address, plus the container and cni0 gateway entries of each host."""
+    return hosts * (hosts - 1) + 2 * hosts
+
+
+def neighbour_table_size(path: str = NEIGH_TABLE_SYSCTL) -> int | None:
+    """The kernel's neighbour-table limit (read-only), or None when it cannot be read."""
+    try:
+        with open(path) as handle:
+            return int(handle.read().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def max_hosts_for(table_size: int) -> int:
+    """The largest host count whose neighbour entries fit in *table_size* with a reserve."""
+    hosts = 2
+    while neighbour_entries_needed(hosts + 1) <= table_size - NEIGH_RESERVE:
+        hosts += 1
+    return hosts
+
+
+def check_scale(hosts: int, table_size: int | None) -> str | None:
+    """Why *hosts* would overflow the neighbour table, or None when it fits."""
+    if table_size is None or neighbour_entries_needed(hosts) <= table_size - NEIGH_RESERVE:
+        return None
+    return (
+        f"--hosts {hosts} needs about {neighbour_entries_needed(hosts)} neighbour entries, but the kernel's "
+        f"table holds {table_size} for all namespaces (net.ipv4.neigh.default.gc_thresh3, set only in the root "
+        f"namespace); use --hosts {max_hosts_for(table_size)} or fewer, or raise gc_thresh3 (and gc_thresh2)"
+    )
 
 
 def _raise_interrupt(signum: int, frame: types.FrameType | None) -> None:
@@ -245,8 +299,11 @@ def run_demo(hosts: int, backend: str, store: str, keep: bool, network: str, tim
         echo(f"Leases ({len(rows)}):")
         for line in format_leases(cluster, rows):
             echo("  " + line)
-        with progress.step(f"ping matrix: {hosts * (hosts - 1)} pairs, 3 packets each"):
+        with progress.step(f"ping matrix: {hosts * (hosts - 1)} pairs, 3 packets each") as p:
             results = cluster.ping_matrix(count=3, timeout=1)
+            lost = sum(1 for r in results.values() if not r.ok)
+            if lost or not results:
+                p.fail(f"{lost} of {len(results)} pairs failed")
         echo("")
         echo("Container ping matrix (average RTT of ping -c 3 -W 1, container .2 to container .2):")
         for line in format_matrix(cluster, results):
@@ -355,6 +412,9 @@ def demo_command(
         raise click.BadParameter(str(exc), param_hint="--network") from exc
     if not net.subnet_of(IPv4Network("10.0.0.0/8")):
         raise click.BadParameter("the demo keeps overlays inside 10.0.0.0/8", param_hint="--network")
+    too_many = check_scale(hosts, neighbour_table_size())
+    if too_many:
+        raise click.BadParameter(too_many, param_hint="--hosts")
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, _raise_interrupt)
     code = run_demo(hosts, backend, store_name, keep, str(net), timeout)

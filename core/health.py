@@ -6,6 +6,7 @@ so a slow store cannot make the probe hang.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import threading
@@ -14,6 +15,8 @@ from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import attrs
+
+from .errors import UserError
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +60,15 @@ class HealthServer:
     def __init__(self, host: str, port: int, status: Callable[[], DaemonStatus]) -> None:
         self._status = status
         handler = self._handler()
-        self._server = ThreadingHTTPServer((host, port), handler)
+        try:
+            self._server = ThreadingHTTPServer((host, port), handler)
+        except OSError as exc:
+            # Before the store or the kernel is touched: a wrong --healthz-ip (not on this
+            # host: EADDRNOTAVAIL, or not an address at all: gaierror) or a port in use.
+            why = "not an address of this host" if exc.errno == errno.EADDRNOTAVAIL else exc.strerror or str(exc)
+            raise UserError(
+                f"cannot serve health checks on {host}:{port}: {why}; fix --healthz-ip / --healthz-port"
+            ) from exc
         self._server.daemon_threads = True
         self._thread = threading.Thread(target=self._server.serve_forever, name="overlayd-healthz", daemon=True)
 

@@ -2,17 +2,29 @@
 
 Written atomically (temporary file + rename) and only once the host is ready, so its presence
 means "this host has a lease and its datapath is set up".  Read back at start-up so a restarted
-daemon prefers the subnet it had.
+daemon prefers the subnet it had, and on every pass so a deleted or edited file is restored.
+
+Every read is bounded and refuses anything but a regular file: the path comes from the command
+line, and ``--subnet-file /dev/full`` (or ``/dev/zero``, or a FIFO) must not read forever.  The
+path is checked at start-up, before the store or the kernel is touched, so a typo is one line
+and exit 2 rather than a lease and a VXLAN device followed by a traceback.
 """
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import os
+import stat
 import tempfile
 from ipaddress import IPv4Network, IPv6Network
 
 import attrs
+
+from .errors import UserError
+
+#: A subnet file is four to six short lines; anything longer is not one of ours.
+MAX_BYTES = 4096
 
 
 @attrs.frozen
@@ -37,14 +49,58 @@ class SubnetFile:
         return "\n".join(lines) + "\n"
 
 
-def write_subnet_file(path: str, content: SubnetFile) -> None:
+def check_writable(path: str) -> None:
+    """Raise ``UserError`` (naming ``--subnet-file``) unless *path* can be written atomically:
+    not empty, not a directory or device, and in a directory where files can be created.
+    Missing parent directories are created, as the writer would."""
+    if not path.strip():
+        raise UserError("--subnet-file is empty; give a file path such as /run/flannel/subnet.env")
+    full = os.path.abspath(path)
+    try:
+        info = os.stat(full)
+    except FileNotFoundError:
+        pass
+    except NotADirectoryError:
+        raise UserError(f"--subnet-file {path}: {_file_ancestor(full)} is a file, not a directory") from None
+    except OSError as exc:
+        raise UserError(f"--subnet-file {path}: {exc.strerror}") from exc
+    else:
+        if stat.S_ISDIR(info.st_mode):
+            raise UserError(f"--subnet-file {path} is a directory; give a file path inside it")
+        if not stat.S_ISREG(info.st_mode):
+            raise UserError(f"--subnet-file {path} is not a regular file (it is replaced by rename)")
+    directory = os.path.dirname(full)
+    try:
+        os.makedirs(directory, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".subnet-check-", dir=directory)
+        os.close(fd)
+        os.unlink(probe)
+    except (NotADirectoryError, FileExistsError):
+        raise UserError(f"--subnet-file {path}: {_file_ancestor(full)} is a file, not a directory") from None
+    except OSError as exc:
+        why = "read-only or immutable" if exc.errno in (errno.EROFS, errno.EPERM) else exc.strerror
+        raise UserError(f"--subnet-file {path}: cannot create files in {directory} ({why})") from exc
+
+
+def _file_ancestor(path: str) -> str:
+    """The first ancestor of *path* that exists and is not a directory."""
+    parts = path.split(os.sep)
+    for i in range(2, len(parts)):
+        candidate = os.sep.join(parts[:i])
+        if os.path.exists(candidate) and not os.path.isdir(candidate):
+            return candidate
+    return os.path.dirname(path)
+
+
+def write_subnet_file(path: str, content: SubnetFile | str) -> None:
     """Replace *path* atomically with *content*."""
+    text = content if isinstance(content, str) else content.render()
     directory = os.path.dirname(os.path.abspath(path))
     os.makedirs(directory, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=".subnet-", dir=directory)
     try:
         with os.fdopen(fd, "w") as handle:
-            handle.write(content.render())
+            handle.write(text)
             handle.flush()
             os.fsync(handle.fileno())
         os.chmod(tmp, 0o644)
@@ -55,13 +111,37 @@ def write_subnet_file(path: str, content: SubnetFile) -> None:
         raise
 
 
-def read_env(path: str) -> dict[str, str]:
-    """The ``KEY=value`` pairs of a subnet file; empty when it does not exist."""
+def read_bounded(path: str, limit: int = MAX_BYTES) -> bytes | None:
+    """Up to *limit* + 1 bytes of *path*, or None when it is missing or not a regular file.
+
+    Opened non-blocking so a FIFO cannot stall the daemon, and checked with ``fstat`` on the
+    open descriptor, so a device swapped in after a ``stat`` is still refused.
+    """
     try:
-        with open(path) as handle:
-            text = handle.read()
-    except FileNotFoundError:
-        return {}
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        chunks = []
+        left = limit + 1
+        while left > 0:
+            chunk = os.read(fd, left)
+            if not chunk:
+                break
+            chunks.append(chunk)
+            left -= len(chunk)
+        return b"".join(chunks)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
+
+
+def parse_env(data: bytes | str) -> dict[str, str]:
+    """The ``KEY=value`` pairs of a subnet file's contents; junk lines are skipped."""
+    text = data.decode("utf-8", errors="replace") if isinstance(data, bytes) else data
     out = {}
     for line in text.splitlines():
         key, sep, value = line.strip().partition("=")
@@ -70,13 +150,26 @@ def read_env(path: str) -> dict[str, str]:
     return out
 
 
-def previous_subnet(path: str) -> IPv4Network | None:
-    """The IPv4 subnet recorded by a previous run, if the file holds a valid one."""
-    raw = read_env(path).get("FLANNEL_SUBNET")
+def read_env(path: str) -> dict[str, str]:
+    """The ``KEY=value`` pairs of a subnet file; empty when it is missing, not a regular file,
+    or longer than any subnet file."""
+    data = read_bounded(path)
+    if data is None or len(data) > MAX_BYTES:
+        return {}
+    return parse_env(data)
+
+
+def parse_subnet(raw: str | None) -> IPv4Network | None:
+    """``FLANNEL_SUBNET``'s value (``10.244.3.1/24``) as its network, None unless valid IPv4."""
     if not raw:
         return None
     try:
-        net = ipaddress.ip_interface(raw).network
+        net = ipaddress.ip_interface(raw.strip()).network
     except ValueError:
         return None
     return net if isinstance(net, IPv4Network) else None
+
+
+def previous_subnet(path: str) -> IPv4Network | None:
+    """The IPv4 subnet recorded by a previous run, if the file holds a valid one."""
+    return parse_subnet(read_env(path).get("FLANNEL_SUBNET"))

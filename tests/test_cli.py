@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -199,3 +200,218 @@ def test_plugin_missing_its_optional_dependency_gets_a_pip_hint(tmp_path: Path) 
     )
     listing = run("plugins", env=env)
     assert listing.returncode == 0 and "fake-consul  (unavailable: store 'fake-consul' needs" in listing.stdout
+
+
+# -- issue 9 / 10: options of the backend in force, start-up checks, signals, lazy plugins --------
+
+
+def _daemon(tmp_path: Path, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+    """`overlayd ... run` on lo with the embedded store in *tmp_path*."""
+    full_env = {k: v for k, v in os.environ.items() if not k.startswith("OVERLAYD_")}
+    full_env["OVERLAYD_EMBEDDED_PATH"] = str(tmp_path / "store.db")
+    full_env.update(env or {})
+    argv = [*OVERLAYD, "--iface", "lo", "--public-ip", "192.0.2.1", "--subnet-file", str(tmp_path / "subnet.env"),
+            "--resync-period", "0.3", *args, "run"]  # fmt: skip
+    return subprocess.Popen(argv, env=full_env, stderr=subprocess.PIPE, text=True)
+
+
+def _peer_lease(db: Path, ip: str, backend: str) -> None:
+    from ipaddress import IPv4Address
+
+    import overlayd
+
+    store = overlayd.open_store("embedded", path=str(db))
+    config = overlayd.read_network_config(store)
+    assert config is not None
+    store.acquire_lease(config, overlayd.LeaseAttrs(public_ip=IPv4Address(ip), backend_type=backend))
+    store.close()
+
+
+def _wait(check: Any, timeout: float = 20.0) -> bool:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+@pytest.mark.parametrize("how", ["flag", "env", "toml"])
+def test_backend_options_apply_when_the_backend_comes_from_the_stored_config(tmp_path: Path, how: str) -> None:
+    """No --backend: the type comes from `network init`; its options must still be used (they were
+    dropped before), and an option for another backend is a warning naming both."""
+    import signal
+
+    db = tmp_path / "store.db"
+    assert run("network", "init", "--network", "10.41.0.0/16", "--backend", "routes-file", path=db).returncode == 0
+    _peer_lease(db, "192.0.2.9", "routes-file")  # so the routes file has something to say
+    routes = tmp_path / "routes.json"
+    args: list[str] = ["--vxlan-port", "9999"]
+    env: dict[str, str] = {}
+    if how == "flag":
+        args += ["--routes-file-path", str(routes)]
+    elif how == "env":
+        env["OVERLAYD_ROUTES_FILE_PATH"] = str(routes)
+    else:
+        config = tmp_path / "overlayd.toml"
+        config.write_text(f'[routes-file]\npath = "{routes}"\n')
+        args += ["--config", str(config)]
+    proc = _daemon(tmp_path, *args, env=env)
+    try:
+        assert _wait(lambda: (tmp_path / "subnet.env").exists()), "daemon never became ready"
+        assert _wait(lambda: routes.exists() and "192.0.2.9" in routes.read_text()), "--routes-file-path was ignored"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(10) == 0
+    stderr = proc.stderr.read() if proc.stderr else ""
+    assert "ignoring option(s) --vxlan-port of backend vxlan: the backend in force is routes-file" in stderr
+
+
+def test_sighup_is_logged_and_the_daemon_keeps_running(tmp_path: Path) -> None:
+    """SIGHUP used to end the daemon silently (exit 129) and skip --release-on-exit."""
+    import signal
+    import time
+
+    import overlayd
+
+    db = tmp_path / "store.db"
+    run("network", "init", "--network", "10.42.0.0/16", "--backend", "routes-file", path=db)
+    proc = _daemon(tmp_path, "--routes-file-path", str(tmp_path / "r.json"), "--release-on-exit")
+    try:
+        assert _wait(lambda: (tmp_path / "subnet.env").exists())
+        proc.send_signal(signal.SIGHUP)
+        time.sleep(1.0)
+        assert proc.poll() is None, "SIGHUP ended the daemon"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        code = proc.wait(10)
+    stderr = proc.stderr.read() if proc.stderr else ""
+    assert code == 0, stderr
+    assert "received SIGHUP" in stderr
+    store = overlayd.open_store("embedded", path=str(db))
+    assert not store.list_leases().leases  # --release-on-exit still ran
+    store.close()
+
+
+def _immutable_dir(tmp_path: Path) -> Path:
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    subprocess.run(["chattr", "+i", str(locked)], check=True)
+    return locked
+
+
+@pytest.mark.parametrize(
+    ("case", "fragment"),
+    [
+        ("under-file", "is a file, not a directory"),
+        ("directory", "is a directory"),
+        ("empty", "--subnet-file is empty"),
+        ("unwritable", "cannot create files in"),
+        ("device", "is not a regular file"),
+    ],
+)
+def test_bad_subnet_file_is_one_line_before_the_store_is_touched(tmp_path: Path, case: str, fragment: str) -> None:
+    db = tmp_path / "store.db"
+    plain = tmp_path / "plain"
+    plain.write_text("x")
+    paths = {
+        "under-file": str(plain / "subnet.env"),
+        "directory": str(tmp_path),
+        "empty": "",
+        "device": "/dev/full",  # also: reading it used to run until the OOM killer came
+    }
+    locked = _immutable_dir(tmp_path) if case == "unwritable" else None
+    try:
+        path = str(locked / "subnet.env") if locked else paths[case]
+        result = subprocess.run(
+            [*OVERLAYD, "--network", "10.43.0.0/16", "--backend", "routes-file", "--iface", "lo",
+             "--public-ip", "192.0.2.1", "--subnet-file", path, "--routes-file-path", str(tmp_path / "r.json"), "run"],
+            capture_output=True, text=True, timeout=30, env={**os.environ, "OVERLAYD_EMBEDDED_PATH": str(db)},
+        )  # fmt: skip
+    finally:
+        if locked:
+            subprocess.run(["chattr", "-i", str(locked)], check=True)
+    assert_user_error(result, fragment)
+    assert not db.exists(), "the store was touched before the subnet file was checked"
+
+
+def test_bad_health_address_or_busy_port_is_one_line(tmp_path: Path) -> None:
+    import socket
+
+    db = tmp_path / "store.db"
+    common = ["--network", "10.44.0.0/16", "--backend", "routes-file", "--iface", "lo", "--public-ip", "192.0.2.1",
+              "--subnet-file", str(tmp_path / "s.env"), "--routes-file-path", str(tmp_path / "r.json")]  # fmt: skip
+    result = run(*common, "--healthz-ip", "203.0.113.77", "--healthz-port", "18999", "run", path=db)
+    assert_user_error(result, "cannot serve health checks on 203.0.113.77:18999: not an address of this host")
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        result = run(*common, "--healthz-port", str(port), "run", path=db)
+    assert_user_error(result, f"cannot serve health checks on 127.0.0.1:{port}")
+    assert not db.exists()
+
+
+def test_non_utf8_config_file_is_one_line(tmp_path: Path, db: Path) -> None:
+    config = tmp_path / "overlayd.toml"
+    config.write_bytes(b'store = "embedded"\n# caf\xe9\n')
+    assert_user_error(run("--config", str(config), "leases", path=db), "is not UTF-8 text")
+
+
+def test_status_and_demo_help_import_no_plugin() -> None:
+    """Building every plugin's flags imported grpc (etcd) for `overlayd status`."""
+    code = (
+        "import sys\n"
+        "from overlayd.cli import main\n"
+        "try:\n"
+        "    main(sys.argv[1:])\n"
+        "except SystemExit:\n"
+        "    pass\n"
+        "heavy = sorted(m for m in sys.modules\n"
+        "               if m.split('.')[0] in ('grpc', 'etcd3') or m.startswith('overlayd.stores.'))\n"
+        "print('HEAVY', heavy)\n"
+    )
+    for args in (["status"], ["status", "--help"], ["--healthz-port", "1", "status"], ["demo", "--help"]):
+        result = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=60)
+        assert "HEAVY []" in result.stdout, (args, result.stdout, result.stderr)
+    # a plugin flag still works in front of a light command, and --help shows it
+    result = subprocess.run([sys.executable, "-c", code, "--etcd-prefix", "/x", "status"], capture_output=True,
+                            text=True, timeout=60)  # fmt: skip
+    assert "no such option" not in result.stdout + result.stderr
+
+
+def test_help_has_one_section_per_plugin_after_the_core_options() -> None:
+    out = run("--help").stdout
+    core = out.index("Core options:")
+    sections = [out.index(f"{title} options:") for title in ("Store embedded", "Store etcd", "Backend vxlan")]
+    assert core < min(sections)
+    assert out.index("--etcd-endpoints") > out.index("Store etcd options:")
+    assert out.index("--vxlan-port") > out.index("Backend vxlan options:")
+
+
+def test_demo_module_does_not_import_test_code() -> None:
+    """`overlayd demo --store etcd` crashed on a plain install: it imported overlayd.testing,
+    whose contract suites import pytest.  Block pytest and hypothesis outright and import it."""
+    code = (
+        "import sys\n"
+        "class Block:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] in ('pytest', '_pytest', 'hypothesis'):\n"
+        "            raise ImportError('blocked: ' + name)\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "import overlayd.demo, overlayd.cli, overlayd._topology as t\n"
+        "c = t.Cluster(1, store_ns=True)\n"
+        "c.store_ns = c.prefix + 'nowhere'  # not built: etcd cannot start, but its launcher must import\n"
+        "try:\n"
+        "    c.start_etcd(timeout=2)\n"
+        "except t.TopologyError:\n"
+        "    pass\n"
+        "finally:\n"
+        "    c.cleanup()\n"
+        "assert 'overlayd.testing' not in sys.modules, sorted(sys.modules)\n"
+        "print('OK')\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.stdout.strip() == "OK", result.stderr

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -240,3 +241,41 @@ def test_not_ready_until_a_lease_is_held() -> None:
     status.last_reconcile = time.monotonic() - 100
     assert status.ready() == (True, "ready")
     assert status.alive() == (False, "last reconcile 100s ago")
+
+
+def test_subnet_file_is_restored_when_deleted_or_edited(
+    cluster: Callable[..., Host], caplog: pytest.LogCaptureFixture
+) -> None:
+    """The subnet file is desired state: it stayed gone or wrong while /readyz said 200."""
+    a = cluster("a", "192.0.2.1")
+    good = a.subnet_file.read_bytes()
+    with caplog.at_level(logging.WARNING, logger="overlayd.daemon"):
+        a.subnet_file.unlink()
+        wait_for(a.subnet_file.exists, timeout=5, what="subnet file restored after deletion")
+        assert a.subnet_file.read_bytes() == good
+        a.subnet_file.write_text("FLANNEL_SUBNET=10.30.99.1/24\n")
+        wait_for(lambda: a.subnet_file.read_bytes() == good, timeout=5, what="subnet file restored after an edit")
+        time.sleep(1.2)  # more passes: no more repairs, no more warnings
+    repairs = [r.getMessage() for r in caplog.records if "rewriting it" in r.getMessage()]
+    assert len(repairs) == 2 and "removed" in repairs[0] and "changed" in repairs[1], repairs
+    assert a.daemon.status.subnet_file_written
+
+
+def test_subnet_file_reads_are_bounded_and_regular_files_only(tmp_path: Path) -> None:
+    """`--subnet-file /dev/full` read until the OOM killer came; now only regular files, 4 KiB."""
+    from overlayd.subnetfile import MAX_BYTES, previous_subnet, read_bounded
+
+    started = time.monotonic()
+    assert read_bounded("/dev/full") is None and read_bounded("/dev/zero") is None
+    assert previous_subnet("/dev/zero") is None
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    assert previous_subnet(str(fifo)) is None  # no writer: must not block
+    huge = tmp_path / "huge.env"
+    huge.write_bytes(b"FLANNEL_SUBNET=10.30.7.1/24\n" + b"#" * (10 * MAX_BYTES))
+    assert previous_subnet(str(huge)) is None
+    assert len(read_bounded(str(huge)) or b"") == MAX_BYTES + 1
+    assert time.monotonic() - started < 2
+    normal = tmp_path / "subnet.env"
+    normal.write_text("FLANNEL_NETWORK=10.30.0.0/16\nFLANNEL_SUBNET=10.30.7.1/24\n")
+    assert str(previous_subnet(str(normal))) == "10.30.7.0/24"

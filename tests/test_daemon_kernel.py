@@ -85,3 +85,24 @@ def test_unknown_backend_in_the_stored_config_is_a_user_error(host: str, tmp_pat
     [line] = err.strip().splitlines()
     assert line.startswith("overlayd: error: unknown backend 'warp-drive'; installed backends: alloc, ")
     assert links(host) == {"lo", "eth0"}
+
+
+def test_vxlan_options_apply_when_the_backend_type_comes_from_the_stored_config(host: str, tmp_path: Path) -> None:
+    """`network init --backend vxlan` once, then plain `overlayd --vxlan-port X`: the port used to
+    be dropped (only --backend made the daemon read backend options).  Read back from the kernel."""
+    store = open_store("embedded", path=str(tmp_path / "s.db"))
+    store.put_config('{"Network": "10.80.0.0/16", "Backend": {"Type": "vxlan"}}')
+    store.close()
+    proc = overlayd(host, tmp_path, "--vxlan-port", "4799", "--vxlan-vni", "7", "run")
+    try:
+        deadline = time.monotonic() + 30
+        while not (tmp_path / "subnet.env").exists() and time.monotonic() < deadline:
+            assert proc.poll() is None, proc.communicate()[1]
+            time.sleep(0.05)
+        [link] = ip_json(host, "-d", "link", "show", "flannel.7")
+        vxlan = link["linkinfo"]["info_data"]
+        assert vxlan["id"] == 7 and vxlan["port"] == 4799
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err

@@ -6,6 +6,9 @@ are recognisable.  All links are created *inside* test namespaces (a veth pair i
 namespace with its peer sent straight to the other), so the root namespace's links, routes and
 firewall are never touched; every helper refuses a namespace name without the prefix.
 
+The commands themselves are ``overlayd._lab.netns``'s, the same the demo's cluster uses; this
+module adds the per-run naming policy, the cleanup guarantees and the fixtures.
+
 Cleanup is guaranteed twice: the pytest fixtures delete their namespaces in a finalizer (which runs
 when the test fails), and an ``atexit`` hook deletes whatever this process created and is still
 there (e.g. after KeyboardInterrupt).  Processes still running inside a namespace we delete were
@@ -30,11 +33,9 @@ Usage::
 from __future__ import annotations
 
 import atexit
-import json
 import os
 import secrets
 import shutil
-import signal
 import subprocess
 import threading
 from collections.abc import Callable, Iterator
@@ -43,6 +44,8 @@ from ipaddress import IPv4Interface, ip_interface
 from typing import Any, ParamSpec, TypeVar
 
 import pytest
+
+from .._lab import netns as lab
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -62,10 +65,7 @@ def _ours(name: str) -> str:
 
 
 def _ip(*args: str, check: bool = True, timeout: float = 30) -> subprocess.CompletedProcess[str]:
-    proc = subprocess.run(["ip", *args], capture_output=True, text=True, timeout=timeout)
-    if check and proc.returncode != 0:
-        raise RuntimeError(f"ip {' '.join(args)} failed: {proc.stderr.strip()}")
-    return proc
+    return lab.run(["ip", *args], check=check, timeout=timeout)
 
 
 def have_netns_support() -> str | None:
@@ -84,26 +84,17 @@ def create_netns(label: str | None = None) -> str:
         _counter += 1
         name = f"{RUN_PREFIX}{label or 'ns'}{_counter}"
         _created.add(name)
-    _ip("netns", "add", name)
-    _ip("-n", name, "link", "set", "lo", "up")
+    lab.add_netns(name)
     return name
 
 
 def netns_pids(name: str) -> list[int]:
-    proc = _ip("netns", "pids", _ours(name), check=False)
-    return [int(p) for p in proc.stdout.split() if p.isdigit()]
+    return lab.netns_pids(_ours(name))
 
 
 def delete_netns(name: str) -> None:
     """Kill what the test left running in *name*, then delete it; a missing one is fine."""
-    _ours(name)
-    for pid in netns_pids(name):
-        try:
-            os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    if os.path.exists(f"/run/netns/{name}"):
-        _ip("netns", "del", name, check=False)
+    lab.delete_netns(_ours(name))
     with _lock:
         _created.discard(name)
 
@@ -125,7 +116,7 @@ atexit.register(cleanup_all)
 
 def run(ns: str, *cmd: str, check: bool = True, timeout: float = 30) -> subprocess.CompletedProcess[str]:
     """Run a command inside namespace *ns* (``ip netns exec``) and capture its output."""
-    proc = subprocess.run(["ip", "netns", "exec", _ours(ns), *cmd], capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(lab.ns_exec(_ours(ns), cmd), capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise RuntimeError(f"[{ns}] {' '.join(cmd)} exited {proc.returncode}: {proc.stderr.strip() or proc.stdout}")
     return proc
@@ -133,16 +124,12 @@ def run(ns: str, *cmd: str, check: bool = True, timeout: float = 30) -> subproce
 
 def ip_json(ns: str, *args: str) -> Any:
     """``ip -n <ns> -j <args>`` parsed; e.g. ``ip_json(ns, "-d", "link", "show", "eth0")``."""
-    out = _ip("-n", _ours(ns), "-j", *args).stdout
-    return json.loads(out) if out.strip() else []
+    return lab.ip_json(_ours(ns), *args)
 
 
 def bridge_json(ns: str, *args: str) -> Any:
     """``bridge -n <ns> -j <args>`` parsed; e.g. ``bridge_json(ns, "fdb", "show", "dev", "vx0")``."""
-    proc = subprocess.run(["bridge", "-n", _ours(ns), "-j", *args], capture_output=True, text=True, timeout=30)
-    if proc.returncode != 0:
-        raise RuntimeError(f"bridge {' '.join(args)} failed: {proc.stderr.strip()}")
-    return json.loads(proc.stdout) if proc.stdout.strip() else []
+    return lab.bridge_json(_ours(ns), *args)
 
 
 def _configure(ns: str, ifname: str, address: str | IPv4Interface | None, mtu: int | None) -> None:
@@ -192,18 +179,8 @@ class Segment:
 @contextmanager
 def in_netns(name: str) -> Iterator[None]:
     """Switch the calling thread into namespace *name* for the block, then back."""
-    from pyroute2 import netns as pr_netns  # pyroute2 is a runtime dependency of overlayd
-
-    _ours(name)
-    saved = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
-    try:
-        pr_netns.setns(name, flags=0)
-        try:
-            yield
-        finally:
-            pr_netns.setns(saved)
-    finally:
-        os.close(saved)
+    with lab.in_netns(_ours(name)):
+        yield
 
 
 def call_in_netns(name: str, fn: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:

@@ -126,3 +126,39 @@ def test_demo_on_etcd_store():
     prefix = _prefix(proc)
     assert _ours(prefix) == []
     assert _processes_in_workdir(prefix) == []
+
+
+def test_a_failed_step_never_says_ok():
+    """The ping-matrix line said "ok" over 226 lost pings: a step that finds a failure says FAILED."""
+    import io
+
+    from overlayd.demo import Progress
+
+    stream = io.StringIO()
+    progress = Progress(stream)
+    with progress.step("ping matrix: 2 pairs") as p:
+        p.fail("1 of 2 pairs failed")
+    with progress.step("next step"):
+        pass
+    first, second = stream.getvalue().splitlines()
+    assert "FAILED 1 of 2 pairs failed" in first and " ok" not in first
+    assert second.endswith(")") and "... ok" in second
+
+
+def test_demo_refuses_more_hosts_than_the_neighbour_table_holds():
+    """50 hosts overflowed the kernel's shared neighbour table (gc_thresh3, not settable per
+    namespace); the demo now says so before building anything."""
+    from overlayd import demo
+
+    size = demo.neighbour_table_size()
+    assert size is not None
+    too_many = demo.max_hosts_for(size) + 1
+    if too_many > topo.MAX_HOSTS:
+        pytest.skip(f"gc_thresh3 is {size} here: every allowed --hosts fits")
+    before = set(topo.list_netns())
+    result = CliRunner().invoke(demo_command, ["--hosts", str(too_many)])
+    assert result.exit_code == 2, result.output
+    assert "gc_thresh3" in result.output and f"--hosts {too_many - 1} or fewer" in result.output
+    assert set(topo.list_netns()) == before
+    assert demo.check_scale(too_many - 1, size) is None
+    assert demo.check_scale(50, 1024) is not None and demo.max_hosts_for(1024) < 50

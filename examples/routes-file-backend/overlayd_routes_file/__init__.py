@@ -16,8 +16,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import attrs
-from overlayd import Backend, HostInfo, Lease, Network, NetworkConfig, option
-from overlayd.plan import Plan
+from overlayd.sdk import Backend, HostInfo, Lease, Network, NetworkConfig, Plan, option
 
 
 @attrs.frozen
