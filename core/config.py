@@ -18,6 +18,7 @@ from typing import Any
 
 import attrs
 
+from .decode import MAX_CONFIG_BYTES, DecodeError, load_json
 from .errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -99,11 +100,11 @@ class NetworkConfig:
 
     @classmethod
     def from_json(cls, text: str | bytes) -> NetworkConfig:
-        """Parse flannel's JSON config; raise ``ConfigError`` naming the bad key."""
+        """Parse flannel's JSON config (bounded in size and depth); ``ConfigError`` naming the bad key."""
         try:
-            doc = json.loads(text)
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"network config is not valid JSON ({exc})") from exc
+            doc = load_json(text, what="network config", max_bytes=MAX_CONFIG_BYTES)
+        except DecodeError as exc:
+            raise ConfigError(str(exc)) from exc
         if not isinstance(doc, dict):
             raise ConfigError('network config must be a JSON object like {"Network": "10.244.0.0/16"}')
         return cls.from_dict(doc)

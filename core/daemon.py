@@ -36,7 +36,7 @@ import attrs
 
 from . import _loader, plan
 from .config import DEFAULT_BACKEND_TYPE, NetworkConfig
-from .errors import HistoryGone, KernelError, LeaseLost, OverlaydError, TransientError, UserError
+from .errors import HistoryGone, KernelError, LeaseLost, OverlaydError, StoreCorrupted, TransientError, UserError
 from .health import DaemonStatus, HealthServer
 from .hostiface import select_host
 from .model import Lease, LeaseAttrs, LeaseList
@@ -48,6 +48,7 @@ log = logging.getLogger(__name__)
 
 WAIT_SLICE = 0.5  # longest a single store wait may block, so a stop is seen quickly
 DEBOUNCE = 0.005  # after a change, wait this long for its siblings before reconciling
+MIN_RENEW_INTERVAL = 1.0  # renewals never follow each other faster, whatever the clocks say
 
 
 @attrs.frozen
@@ -358,6 +359,8 @@ class Daemon:
             except OverlaydError as exc:
                 # e.g. the kernel refused one change: keep running, the next pass tries again
                 self._note_error(exc)
+                if isinstance(exc, StoreCorrupted):  # the datapath stays; status shows the store is not fine
+                    self.status.store_healthy = False
                 stop.wait(backoff.next())
 
     def _wait_for_change(self, revision: int, stop: threading.Event) -> None:
@@ -375,12 +378,16 @@ class Daemon:
                 return
             revision = result.revision
 
+    _last_renewal = float("-inf")  # monotonic time of our last renewal
+
     def _renew_due_in(self) -> float | None:
-        """Seconds until our lease needs renewing (None for a reservation)."""
+        """Seconds until our lease needs renewing (None for a reservation); never less than
+        ``MIN_RENEW_INTERVAL`` after a renewal, so a wrong clock or margin cannot make a storm."""
         if self.lease is None or self.lease.expiration is None:
             return None
         due = self.lease.expiration - self.store.renew_margin
-        return max(0.0, (due - datetime.now(UTC)).total_seconds())
+        floor = self._last_renewal + MIN_RENEW_INTERVAL - time.monotonic()
+        return max(0.0, (due - datetime.now(UTC)).total_seconds(), floor)
 
     def _keep_lease(self, snapshot: LeaseList) -> None:
         """Renew our lease when due; re-acquire it (same subnet preferred) when it is gone."""
@@ -393,6 +400,7 @@ class Daemon:
         due = self._renew_due_in()
         if due is not None and due <= 0:
             try:
+                self._last_renewal = time.monotonic()
                 self.lease = self.store.renew_lease(current)
                 self.status.lease_expiration = self.lease.expiration.isoformat() if self.lease.expiration else None
                 log.debug("renewed lease %s until %s", self.lease.subnet, self.lease.expiration)

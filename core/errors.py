@@ -65,6 +65,14 @@ class HistoryGone(TransientError):
     """The store no longer has changes since the requested revision; re-list instead."""
 
 
+class StoreCorrupted(PermanentError):
+    """The store's own data is damaged (e.g. the embedded SQLite file); an operator must act."""
+
+
+class NotAReservation(UserError):
+    """``unreserve`` was asked to remove a live lease; that is ``release``'s job."""
+
+
 class GarbledLease(PermanentError):
     """A lease key or value in the store cannot be parsed; it is skipped, never programmed."""
 

@@ -18,6 +18,7 @@ from typing import Any
 
 import attrs
 
+from .decode import MAX_KEY_CHARS, MAX_LEASE_VALUE_BYTES, DecodeError, load_json
 from .errors import GarbledLease
 
 Subnet = IPv4Network | IPv6Network
@@ -47,11 +48,11 @@ class LeaseAttrs:
 
     @classmethod
     def from_json(cls, text: str | bytes) -> LeaseAttrs:
-        """Parse a lease value; raise ``GarbledLease`` saying what is wrong."""
+        """Parse a lease value (bounded in size and depth); raise ``GarbledLease`` saying what is wrong."""
         try:
-            doc = json.loads(text)
-        except (ValueError, UnicodeDecodeError) as exc:
-            raise GarbledLease(f"lease value is not JSON: {exc}") from exc
+            doc = load_json(text, what="lease value", max_bytes=MAX_LEASE_VALUE_BYTES)
+        except DecodeError as exc:
+            raise GarbledLease(str(exc)) from exc
         if not isinstance(doc, dict):
             raise GarbledLease("lease value is not a JSON object")
         public_ip = _optional_ip(doc.get("PublicIP"), 4, "PublicIP")
@@ -93,7 +94,9 @@ class Lease:
     """One host's slice of the network, as the store holds it.
 
     ``expiration is None`` means a reservation: it never expires and no other host may take it.
-    ``revision`` is the store's modification revision of the lease (0 when unknown).
+    ``revision`` is the store's modification revision of the lease (0 when unknown);
+    ``created_revision`` the revision at which its key was created, so of two leases claiming the
+    same thing the older one can be told apart deterministically.
     """
 
     subnet: IPv4Network | None
@@ -168,7 +171,11 @@ def subnet_to_key(subnet: IPv4Network | IPv6Network) -> str:
 
 def key_to_subnet(key: str) -> IPv4Network | IPv6Network:
     """The inverse of :func:`subnet_to_key`; ``GarbledLease`` for anything else."""
+    if len(key) > MAX_KEY_CHARS + 256:  # the name plus any store prefix
+        raise GarbledLease(f"lease key {key[:40]!r}... is {len(key)} characters long")
     name = key.rsplit("/", 1)[-1]
+    if len(name) > MAX_KEY_CHARS:
+        raise GarbledLease(f"lease key {name[:40]!r}... is {len(name)} characters long")
     addr, sep, length = name.rpartition("-")
     if not sep or not length.isdigit():
         raise GarbledLease(f"lease key {key!r} is not of the form 10.244.3.0-24")
@@ -184,6 +191,7 @@ def parse_lease(
     *,
     expiration: datetime | None,
     revision: int = 0,
+    created_revision: int = 0,
     ipv6: bool = False,
 ) -> Lease:
     """Build a ``Lease`` from a store key and value; ``GarbledLease`` when either is bad."""
@@ -192,8 +200,10 @@ def parse_lease(
         raise GarbledLease(f"lease key {key!r} has the wrong address family")
     lease_attrs = LeaseAttrs.from_json(value)
     if isinstance(subnet, IPv6Network):
-        return Lease(None, lease_attrs, expiration, ipv6_subnet=subnet, revision=revision)
-    return Lease(subnet, lease_attrs, expiration, revision=revision)
+        return Lease(
+            None, lease_attrs, expiration, ipv6_subnet=subnet, revision=revision, created_revision=created_revision
+        )
+    return Lease(subnet, lease_attrs, expiration, revision=revision, created_revision=created_revision)
 
 
 def diff_lease_lists(old: Sequence[Lease], new: Sequence[Lease], revision: int) -> list[LeaseEvent]:

@@ -6,9 +6,10 @@ them (``invoke_on_load=False``, then ``cls.from_options``), so a plugin never pa
 environment variables itself: it declares an attrs ``Options`` class and the CLI derives
 ``--<plugin>-<option>`` flags and ``OVERLAYD_<PLUGIN>_<OPTION>`` variables from it.
 
-Stores implement a few primitives (list, compare-and-create, update, delete, wait for events);
-the lease algorithms on top (acquire with reuse, renew, watch with re-list on lost history)
-are concrete methods here, so every store behaves alike and a store only overrides them when
+Stores implement small key-value primitives (list with revision, get with version,
+create-if-absent, put-if-version, delete-if-version, watch from a revision); the lease policy on
+top (decoding, acquire with reuse, owner checks, reservations, renew, watch with re-list on lost
+history) is written once here, so every store behaves alike and a store only overrides it when
 its data model differs (Kubernetes assigns subnets itself, for instance).
 """
 
@@ -16,10 +17,11 @@ from __future__ import annotations
 
 import abc
 import logging
+import math
 import random
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from datetime import timedelta
+from datetime import datetime, timedelta
 from ipaddress import IPv4Address, IPv4Network, IPv6Address
 from typing import Any, ClassVar, Self, TypeVar
 
@@ -27,7 +29,17 @@ import attrs
 
 from . import ipam
 from .config import NetworkConfig
-from .errors import ConfigError, HistoryGone, LeaseConflict, LeaseLost, PermanentError
+from .errors import (
+    ConfigError,
+    GarbledLease,
+    HistoryGone,
+    LeaseConflict,
+    LeaseLost,
+    NotAReservation,
+    PermanentError,
+    StoreUnavailable,
+    UserError,
+)
 from .model import (
     EventKind,
     Lease,
@@ -36,6 +48,8 @@ from .model import (
     LeaseList,
     WatchResult,
     diff_lease_lists,
+    key_to_subnet,
+    parse_lease,
     subnet_to_key,
 )
 from .plan import Plan
@@ -180,18 +194,169 @@ class Plugin(abc.ABC):
         return doc.splitlines()[0] if doc else ""
 
 
+# -- stores ---------------------------------------------------------------------------------
+
+#: Compare-and-swap rounds of update, delete, reserve and unreserve when the key keeps changing.
+CAS_ATTEMPTS = 5
+#: A lease must live at least this long: below it, renewals would follow each other too closely.
+MIN_TTL = timedelta(seconds=2)
+#: ... and at most this long (about ten years; a subnet meant to be kept forever is a reservation).
+MAX_TTL = timedelta(days=3650)
+#: Renew this long before expiry, unless the TTL is short (then at half the TTL).
+DEFAULT_RENEW_MARGIN = timedelta(hours=1)
+#: How many (key, revision) pairs of garbled entries are remembered to warn about each once.
+GARBLED_MEMORY = 10_000
+
+
+def duration(value: float | str | timedelta) -> timedelta:
+    """Converter for lease timing: seconds -> timedelta.
+
+    A number no timedelta can hold (``inf``, ``nan``, ``1e300``) becomes ``timedelta.max``
+    (``-inf``: ``timedelta.min``) instead of an ``OverflowError``; the store then rejects it
+    with a message that names its flag.
+    """
+    if isinstance(value, timedelta):
+        return value
+    number = float(value)
+    if not math.isfinite(number) or abs(number) > 10 * MAX_TTL.total_seconds():
+        return timedelta.min if number < 0 else timedelta.max
+    return timedelta(seconds=number)
+
+
+def _shown(value: timedelta) -> str:
+    if value in (timedelta.max, timedelta.min):
+        return "(not a finite number of seconds)"
+    return f"{value.total_seconds():g}"
+
+
+@attrs.frozen
+class LeaseTimingOptions:
+    """The lease timing options of every store with TTLs: inherit your ``Options`` from this.
+
+    ``renew_margin`` 0 (the default) means "1 h, or half the TTL when the TTL is 2 h or less",
+    so ``--<store>-ttl 600`` alone renews every 300 s.  ``Store.__init__`` validates both.
+    """
+
+    ttl: timedelta = option(timedelta(hours=24), "lease lifetime in seconds", converter=duration)
+    renew_margin: timedelta = option(
+        timedelta(0),
+        "renew a lease when less than this many seconds are left (0: 3600, or half the TTL if shorter)",
+        converter=duration,
+    )
+
+    def check(self, flag_prefix: str) -> None:
+        """Raise ``UserError`` naming ``<flag_prefix>ttl`` / ``renew-margin`` for unusable values."""
+        ttl, margin = self.ttl, self.renew_margin
+        if not MIN_TTL <= ttl <= MAX_TTL:
+            raise UserError(
+                f"{flag_prefix}ttl {_shown(ttl)} is not usable: give a lease lifetime between "
+                f"{MIN_TTL.total_seconds():.0f} and {MAX_TTL.total_seconds():.0f} seconds (default 86400)"
+            )
+        if margin < timedelta(0) or margin >= ttl:
+            raise UserError(
+                f"{flag_prefix}renew-margin {_shown(margin)} must be at least 0 and less than "
+                f"{flag_prefix}ttl {_shown(ttl)}; leave it unset to renew at half a short TTL"
+            )
+
+    @property
+    def effective_renew_margin(self) -> timedelta:
+        if self.renew_margin:
+            return self.renew_margin
+        return min(DEFAULT_RENEW_MARGIN, self.ttl / 2)
+
+
+@attrs.frozen
+class Entry:
+    """One lease key as a store holds it: what the key-value primitives read and write."""
+
+    key: str  # flannel's key name without the prefix: 10.244.3.0-24 (may be garbage)
+    value: str | bytes  # flannel's JSON value, undecoded
+    version: int  # the store's modification revision: the compare-and-swap token
+    expiration: datetime | None  # None: no TTL, a reservation
+    created_revision: int = 0  # the revision that created the key (0 when unknown)
+    ipv6: bool = False  # read from the IPv6 key space
+    handle: Any = attrs.field(default=None, eq=False, repr=False)  # store-private (etcd: its lease ID)
+
+
+@attrs.frozen
+class EntryList:
+    """Every live entry, and the store revision of that consistent snapshot."""
+
+    entries: tuple[Entry, ...]
+    revision: int
+
+
+@attrs.frozen
+class Change:
+    """One lease key changed: ADDED with the new entry, REMOVED/EXPIRED with the last one if known."""
+
+    kind: EventKind
+    key: str
+    entry: Entry | None
+    revision: int
+    ipv6: bool = False
+
+
+@attrs.frozen
+class ChangeList:
+    """What ``watch_entries`` returns: the changes after a revision, and the new revision."""
+
+    changes: tuple[Change, ...]
+    revision: int
+
+
+def is_ipv6_key(key: str) -> bool:
+    """True for a key of the IPv6 key space (``fd00:10:244:3::-64``)."""
+    return ":" in key
+
+
+def _owner(entry: Entry) -> IPv4Address | None:
+    try:
+        return LeaseAttrs.from_json(entry.value).public_ip
+    except GarbledLease:
+        return None
+
+
 class Store(Plugin):
-    """Where the network config and the leases live."""
+    """Where the network config and the leases live.
+
+    A store implements small key-value primitives over flannel's lease keys
+    (``10.244.3.0-24``): ``list_entries`` (a snapshot with its revision), ``get_entry`` (with its
+    version), ``create_entry`` (only if absent), ``put_entry`` / ``delete_entry`` (only if the
+    version is unchanged) and ``watch_entries`` (changes after a revision).  The lease policy is
+    written once, here, on top of them: decoding with garbled entries reported once and
+    counted, acquire with reuse, "never overwrite or delete another host's lease", "a missing
+    lease raises ``LeaseLost``", "a reservation stays a reservation", compare-and-swap retries
+    and their error texts.  ``StoreContract`` (``overlayd.testing``) holds every store to it.
+
+    A store whose data model differs — the Kubernetes store, where the API server assigns
+    subnets — may override the lease-level methods (``list_leases``, ``acquire_lease``,
+    ``update_lease``, ``delete_lease``, ``reserve``, ``unreserve``, ``wait_for_events``) instead
+    and implement the primitives it does not need by raising ``PermanentError``.
+    """
+
+    def __init__(self, options: Any) -> None:
+        super().__init__(options)
+        if isinstance(options, LeaseTimingOptions):
+            options.check(f"--{self.name or 'store'}-")
+        #: How many times a garbled key or value was skipped (each (key, revision) is warned once).
+        self.garbled_skipped = 0
+        self._garbled_seen: set[tuple[str, int]] = set()
+        self._garbled_lock = threading.Lock()
 
     @property
     def lease_ttl(self) -> timedelta:
         """Lifetime of a new or renewed lease: the store's ``ttl`` option, else 24 h."""
+        if isinstance(self.options, LeaseTimingOptions):
+            return self.options.ttl
         return getattr(self.options, "ttl", None) or timedelta(hours=24)
 
     @property
     def renew_margin(self) -> timedelta:
-        """Renew when less than this is left: the store's ``renew_margin`` option, else 1 h."""
-        return getattr(self.options, "renew_margin", None) or timedelta(hours=1)
+        """Renew when less than this is left (see ``LeaseTimingOptions``), else 1 h."""
+        if isinstance(self.options, LeaseTimingOptions):
+            return self.options.effective_renew_margin
+        return getattr(self.options, "renew_margin", None) or DEFAULT_RENEW_MARGIN
 
     # -- network config ---------------------------------------------------------------------
 
@@ -206,50 +371,211 @@ class Store(Plugin):
         Returns True when written.
         """
 
-    # -- lease primitives -------------------------------------------------------------------
+    # -- key-value primitives ---------------------------------------------------------------
 
     @abc.abstractmethod
+    def list_entries(self) -> EntryList:
+        """Every live lease entry (expired ones left out), and the revision of the snapshot."""
+
+    @abc.abstractmethod
+    def get_entry(self, key: str) -> Entry | None:
+        """The live entry of *key* with its version, or None."""
+
+    @abc.abstractmethod
+    def create_entry(self, key: str, value: str, ttl: timedelta | None) -> Entry | None:
+        """Write *key* only if it does not exist; *ttl* None writes it without expiry.
+
+        Returns the written entry, or None when the key exists.
+        """
+
+    @abc.abstractmethod
+    def put_entry(self, current: Entry, value: str, ttl: timedelta | None) -> Entry | None:
+        """Overwrite *current* only if its version is unchanged; None when it changed or went."""
+
+    @abc.abstractmethod
+    def delete_entry(self, current: Entry) -> bool:
+        """Delete *current* only if its version is unchanged (a REMOVED, not an EXPIRED, change).
+
+        Returns False when it changed; True when deleted (or already gone).
+        """
+
+    @abc.abstractmethod
+    def watch_entries(self, since_revision: int, timeout: float) -> ChangeList:
+        """Changes after *since_revision*, waiting up to *timeout* seconds for the first.
+
+        Returns no changes (same revision) on timeout.  Raises ``HistoryGone`` when the store no
+        longer holds history that old, and ``StoreUnavailable`` when unreachable.
+        """
+
+    def close(self) -> None:
+        """Release connections; the store is unusable afterwards."""
+
+    # -- decoding ------------------------------------------------------------------------------
+
+    def report_garbled(self, key: str, revision: int, exc: Exception) -> None:
+        """Count a skipped garbled entry; warn only the first time for each key and revision."""
+        seen = (key[:200], revision)
+        with self._garbled_lock:
+            self.garbled_skipped += 1
+            first = seen not in self._garbled_seen
+            if first:
+                if len(self._garbled_seen) >= GARBLED_MEMORY:
+                    self._garbled_seen.clear()
+                self._garbled_seen.add(seen)
+        if first:
+            log.warning("%s store: skipping garbled lease %.200r (revision %d): %s", self.name, key, revision, exc)
+
+    def lease_from_entry(self, entry: Entry) -> Lease:
+        """Decode one entry (bounded, see ``overlayd.decode``); ``GarbledLease`` when unusable."""
+        if not entry.key or "/" in entry.key:
+            raise GarbledLease(f"unexpected key {entry.key[:200]!r} in the lease key space")
+        return parse_lease(
+            entry.key,
+            entry.value,
+            expiration=entry.expiration,
+            revision=entry.version,
+            created_revision=entry.created_revision,
+            ipv6=entry.ipv6,
+        )
+
+    # -- lease policy built on the primitives ------------------------------------------------
+
     def list_leases(self) -> LeaseList:
-        """Every live lease and reservation (garbled ones skipped with a warning)."""
+        """Every live lease and reservation (garbled ones skipped, reported once)."""
+        snapshot = self.list_entries()
+        leases = []
+        for entry in snapshot.entries:
+            try:
+                leases.append(self.lease_from_entry(entry))
+            except GarbledLease as exc:
+                self.report_garbled(entry.key, entry.version, exc)
+        return LeaseList(tuple(leases), snapshot.revision)
 
-    @abc.abstractmethod
-    def create_lease(self, lease: Lease) -> Lease | None:
-        """Create *lease* with this store's TTL only if its key does not exist.
-
-        Returns the stored lease (with expiration and revision), or None when the key exists.
-        """
-
-    @abc.abstractmethod
-    def update_lease(self, lease: Lease, attrs: LeaseAttrs) -> Lease:
-        """Rewrite an existing lease's attrs and refresh its TTL (a reservation stays one).
-
-        Raises ``LeaseLost`` when the key no longer exists.
-        """
-
-    @abc.abstractmethod
-    def delete_lease(self, lease: Lease) -> None:
-        """Remove a lease; a missing key is not an error."""
-
-    @abc.abstractmethod
-    def reserve(self, subnet: IPv4Network, public_ip: IPv4Address) -> Lease:
-        """Create or turn an entry into a reservation (no TTL) for *public_ip*."""
-
-    @abc.abstractmethod
-    def unreserve(self, subnet: IPv4Network) -> None:
-        """Remove a reservation; a missing one is not an error."""
-
-    @abc.abstractmethod
     def wait_for_events(self, since_revision: int, timeout: float) -> WatchResult:
         """Lease events after *since_revision*, waiting up to *timeout* seconds for the first.
 
         Returns an empty result (same revision) on timeout.  Raises ``HistoryGone`` when the
         store no longer holds history that old, and ``StoreUnavailable`` when unreachable.
         """
+        result = self.watch_entries(since_revision, timeout)
+        events = []
+        for change in result.changes:
+            try:
+                if change.ipv6 != is_ipv6_key(change.key) or "/" in change.key:
+                    raise GarbledLease(f"unexpected key {change.key[:200]!r} in the lease key space")
+                subnet = key_to_subnet(change.key)
+            except GarbledLease as exc:
+                self.report_garbled(change.key, change.revision, exc)
+                continue
+            lease: Lease | None = None
+            if change.entry is not None:
+                try:
+                    lease = self.lease_from_entry(change.entry)
+                except GarbledLease as exc:
+                    if change.kind is EventKind.ADDED:
+                        self.report_garbled(change.key, change.revision, exc)
+                        continue
+            events.append(LeaseEvent(change.kind, subnet, lease, change.revision))
+        return WatchResult(tuple(events), result.revision)
 
-    def close(self) -> None:
-        """Release connections; the store is unusable afterwards."""
+    def create_lease(self, lease: Lease) -> Lease | None:
+        """Create *lease* with this store's TTL only if its key does not exist.
 
-    # -- lease algorithms built on the primitives ---------------------------------------------
+        Returns the stored lease (with expiration and revisions), or None when the key exists.
+        """
+        entry = self.create_entry(lease.key, lease.attrs.to_json(), self.lease_ttl)
+        return None if entry is None else self.lease_from_entry(entry)
+
+    def update_lease(self, lease: Lease, attrs: LeaseAttrs) -> Lease:
+        """Rewrite our lease's attrs and refresh its TTL (a reservation stays one).
+
+        Raises ``LeaseLost`` when the key no longer exists or now holds another host's lease
+        (or an unreadable value): another host's lease is never overwritten.
+        """
+        key = lease.key
+        value = attrs.to_json()
+        for _ in range(CAS_ATTEMPTS):
+            current = self.get_entry(key)
+            if current is None:
+                raise LeaseLost(f"lease {key} no longer exists in the store")
+            owner = _owner(current)
+            if owner != attrs.public_ip:
+                raise LeaseLost(f"lease {key} now belongs to {owner or 'an unreadable value'}")
+            ttl = None if current.expiration is None else self.lease_ttl
+            written = self.put_entry(current, value, ttl)
+            if written is not None:
+                return self.lease_from_entry(written)
+        raise StoreUnavailable(f"lease {key} kept changing under us; try again")
+
+    def renew_lease(self, lease: Lease) -> Lease:
+        """Refresh the TTL; ``LeaseLost`` when the lease is gone."""
+        return self.update_lease(lease, lease.attrs)
+
+    def delete_lease(self, lease: Lease) -> None:
+        """Remove *lease*; a missing key, or one that now holds another host's lease, is left alone."""
+        key = lease.key
+        for _ in range(CAS_ATTEMPTS):
+            current = self.get_entry(key)
+            if current is None:
+                return
+            owner = _owner(current)
+            if owner != lease.attrs.public_ip:
+                log.info("not deleting %s: it now holds the lease of %s", key, owner or "an unreadable value")
+                return
+            if self.delete_entry(current):
+                return
+        raise StoreUnavailable(f"lease {key} kept changing under us; try again")
+
+    def release_lease(self, lease: Lease) -> None:
+        """Give up our lease at shutdown; a reservation is kept."""
+        if not lease.is_reservation:
+            self.delete_lease(lease)
+
+    def reserve(self, subnet: IPv4Network, public_ip: IPv4Address) -> Lease:
+        """Create a reservation (no TTL) for *public_ip*, or turn its own lease into one.
+
+        ``UserError`` when the subnet holds another host's lease or an unreadable value.
+        """
+        key = subnet_to_key(subnet)
+        for _ in range(CAS_ATTEMPTS):
+            current = self.get_entry(key)
+            if current is None:
+                written = self.create_entry(key, LeaseAttrs(public_ip=public_ip, backend_type="").to_json(), None)
+            else:
+                try:
+                    attrs = LeaseAttrs.from_json(current.value)
+                except GarbledLease as exc:
+                    raise UserError(f"subnet {subnet} holds an unreadable value ({exc}); delete it first") from exc
+                if attrs.public_ip != public_ip:
+                    raise UserError(
+                        f"subnet {subnet} is leased by {attrs.public_ip}; "
+                        "release that lease first or reserve another subnet"
+                    )
+                written = self.put_entry(current, attrs.to_json(), None)
+            if written is not None:
+                return self.lease_from_entry(written)
+        raise StoreUnavailable(f"subnet {subnet} kept changing under us; try again")
+
+    def unreserve(self, subnet: IPv4Network) -> None:
+        """Remove the reservation of *subnet*; a missing one is not an error.
+
+        ``NotAReservation`` (a ``UserError``) when the subnet holds a live lease: that is
+        ``overlayd release``'s job, and ``unreserve`` never deletes it.
+        """
+        key = subnet_to_key(subnet)
+        for _ in range(CAS_ATTEMPTS):
+            current = self.get_entry(key)
+            if current is None:
+                return
+            if current.expiration is not None:
+                owner = _owner(current)
+                raise NotAReservation(
+                    f"{subnet} is a live lease of {owner or 'an unreadable value'}, not a reservation; "
+                    f"'overlayd release {subnet}' deletes a lease"
+                )
+            if self.delete_entry(current):
+                return
+        raise StoreUnavailable(f"subnet {subnet} kept changing under us; try again")
 
     def acquire_lease(
         self,
@@ -276,14 +602,6 @@ class Store(Plugin):
                 return created
             log.debug("lost the race for %s; trying again", subnet)
         raise LeaseConflict(f"could not claim a subnet after {ACQUIRE_ATTEMPTS} attempts (heavy contention)")
-
-    def renew_lease(self, lease: Lease) -> Lease:
-        """Refresh the TTL; ``LeaseLost`` when the lease is gone."""
-        return self.update_lease(lease, lease.attrs)
-
-    def release_lease(self, lease: Lease) -> None:
-        if not lease.is_reservation:
-            self.delete_lease(lease)
 
     def watch_leases(
         self, stop: threading.Event, since_revision: int | None = None, poll: float = 1.0

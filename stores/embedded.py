@@ -1,19 +1,28 @@
 """Embedded store: the network config and leases in one SQLite file.
 
 For one machine with many processes (the demo, tests, single-host setups); the default store.
+It implements the key-value primitives of ``Store``; the lease policy (owner checks,
+reservations, retries, decoding) is the base class's, shared with every other store.
 
 Design notes:
 * WAL journal so readers never block the writer; every write is a ``BEGIN IMMEDIATE``
-  transaction, which makes compare-and-create atomic across processes.
+  transaction, which makes the compare-and-swap primitives atomic across processes.
 * A global revision counter in ``meta`` is bumped by every write, and every lease change is
   appended to ``events`` with its revision — the etcd model in miniature, so the embedded store
-  has the same semantics (list at a revision, watch from a revision) as the etcd store.
+  has the same semantics (list at a revision, watch from a revision) as the etcd store.  Each
+  lease row keeps its modification revision (the CAS version) and the revision that created it
+  (``created``; files from before that column get it added, filled with the row's revision).
 * ``events`` is trimmed to the last ``history`` rows; asking for older changes raises
   ``HistoryGone`` and the caller re-lists, exactly as after an etcd compaction.
 * TTLs are wall-clock expiry times (several processes share them).  Expired rows are swept
   lazily, by whichever process reads next, and produce an ``expired`` event.
 * Watching polls the revision counter every 20 ms: far inside the 100 ms wake-up budget and
   cheap (a single-row primary-key read).
+* Corruption is not lock contention.  A connection keeps serving cached pages after the file
+  under it was truncated or overwritten, so every store call checks the file's header (a stat
+  and a 100-byte read, at most once a second), and SQLite's "file is not a database" /
+  "malformed" errors become ``StoreCorrupted`` naming the file and what to do, for the CLI at
+  open time (no 15 s "locked" wait) and for running daemons alike.
 """
 
 from __future__ import annotations
@@ -26,28 +35,31 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
-from ipaddress import IPv4Address, IPv4Network
+from typing import Any
 
 import attrs
-from overlayd.errors import GarbledLease, HistoryGone, LeaseLost, StoreUnavailable, UserError
-from overlayd.model import (
-    EventKind,
-    Lease,
-    LeaseAttrs,
-    LeaseEvent,
-    LeaseList,
-    WatchResult,
-    key_to_subnet,
-    parse_lease,
-    subnet_to_key,
+from overlayd.errors import HistoryGone, StoreCorrupted, StoreUnavailable, UserError
+from overlayd.model import EventKind
+from overlayd.plugin import (
+    Change,
+    ChangeList,
+    Entry,
+    EntryList,
+    LeaseTimingOptions,
+    Store,
+    is_ipv6_key,
+    option,
 )
-from overlayd.plugin import Store, option, seconds
 
 log = logging.getLogger(__name__)
 
 POLL_INTERVAL = 0.02
 SWEEP_INTERVAL = 0.5
 OPEN_TIMEOUT = 15.0
+#: How often a call re-reads the file header to notice a file damaged under the connection.
+FILE_CHECK_INTERVAL = 1.0
+
+_MAGIC = b"SQLite format 3\x00"
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -55,27 +67,60 @@ CREATE TABLE IF NOT EXISTS leases (
     key TEXT PRIMARY KEY,
     value TEXT NOT NULL,
     expires REAL,
-    revision INTEGER NOT NULL
+    revision INTEGER NOT NULL,
+    created INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS events (
     revision INTEGER PRIMARY KEY,
     kind TEXT NOT NULL,
     key TEXT NOT NULL,
     value TEXT,
-    expires REAL
+    expires REAL,
+    created INTEGER NOT NULL DEFAULT 0
 );
 INSERT OR IGNORE INTO meta (key, value) VALUES ('revision', '0'), ('compacted', '0');
 """
 
+_CORRUPT_CODES = {"SQLITE_CORRUPT", "SQLITE_NOTADB"}
+
 
 @attrs.frozen
-class EmbeddedOptions:
+class EmbeddedOptions(LeaseTimingOptions):
     path: str = option("/var/lib/overlayd/store.db", "SQLite file holding the config and leases")
-    ttl: timedelta = option(timedelta(hours=24), "lease lifetime in seconds", converter=seconds)
-    renew_margin: timedelta = option(
-        timedelta(hours=1), "renew a lease when less than this many seconds are left", converter=seconds
-    )
     history: int = option(10000, "lease changes kept for watchers that resume", converter=int)
+
+
+def _corrupted(path: str, what: str) -> StoreCorrupted:
+    return StoreCorrupted(
+        f"embedded store {path} is corrupted ({what}): stop every overlayd using it, move the file "
+        "aside (or restore a backup) and start again; hosts then acquire their leases anew"
+    )
+
+
+def file_damage(path: str) -> str | None:
+    """What is wrong with the SQLite file at *path* judging by its size and header, or None.
+
+    A missing or empty file is a new store, unless WAL files beside it show it was in use
+    (a database in WAL mode always has its first page written).
+    """
+    try:
+        with open(path, "rb") as handle:
+            size = os.fstat(handle.fileno()).st_size
+            header = handle.read(100)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        return f"cannot read it: {exc.strerror}"
+    if size == 0:
+        in_use = os.path.exists(path + "-shm") or os.path.exists(path + "-wal")
+        return "truncated to 0 bytes while in use" if in_use else None
+    if size < 100 or not header.startswith(_MAGIC):
+        return "file is not a database" if not header.startswith(_MAGIC[: len(header)]) else "truncated header"
+    page_size = int.from_bytes(header[16:18], "big")
+    page_size = 65536 if page_size == 1 else page_size
+    if page_size < 512 or size % page_size:
+        return f"truncated to {size} bytes, not a whole number of {page_size}-byte pages"
+    return None
 
 
 class EmbeddedStore(Store):
@@ -88,19 +133,28 @@ class EmbeddedStore(Store):
         super().__init__(options)
         self._lock = threading.RLock()
         self._last_sweep = 0.0
+        self._last_check = 0.0
+        self._damage: str | None = None  # once seen, every call reports it: the connection is stale
+        self._path = options.path
         directory = os.path.dirname(os.path.abspath(options.path))
         try:
             os.makedirs(directory, exist_ok=True)
+        except OSError as exc:
+            raise UserError(
+                f"cannot open the embedded store at {options.path} ({exc}); pass --embedded-path with a writable file"
+            ) from exc
+        self._check_file(force=True)
+        try:
             self._db = sqlite3.connect(options.path, timeout=10.0, isolation_level=None, check_same_thread=False)
-        except (OSError, sqlite3.Error) as exc:
+        except sqlite3.Error as exc:
             raise UserError(
                 f"cannot open the embedded store at {options.path} ({exc}); pass --embedded-path with a writable file"
             ) from exc
         self._initialise(options.path)
 
     def _initialise(self, path: str) -> None:
-        """Switch to WAL and create the schema.  Several processes may do this to a new file at
-        once; switching the journal mode does not wait for the busy handler, so retry it."""
+        """Switch to WAL, create or upgrade the schema.  Several processes may do this to a new
+        file at once; switching the journal mode does not wait for the busy handler, so retry it."""
         deadline = time.monotonic() + OPEN_TIMEOUT
         while True:
             try:
@@ -110,37 +164,89 @@ class EmbeddedStore(Store):
                     for statement in _SCHEMA.strip().split(";"):
                         if statement.strip():
                             db.execute(statement)
+                    self._upgrade(db)
                 return
+            except StoreCorrupted:
+                raise
             except (sqlite3.OperationalError, StoreUnavailable) as exc:
                 if "locked" not in str(exc) and "busy" not in str(exc):
                     raise UserError(
                         f"cannot open the embedded store at {path} ({exc}); pass --embedded-path with a writable file"
                     ) from exc
+                self._check_file(force=True)
                 if time.monotonic() > deadline:
                     raise StoreUnavailable(f"embedded store {path} stayed locked for {OPEN_TIMEOUT:.0f}s") from exc
                 time.sleep(0.05)
-            except sqlite3.Error as exc:
-                raise UserError(
-                    f"cannot open the embedded store at {path} ({exc}); pass --embedded-path with a writable file"
-                ) from exc
+            except sqlite3.DatabaseError as exc:
+                raise self._translate(exc) from exc
+
+    def _upgrade(self, db: sqlite3.Connection) -> None:
+        """Add the ``created`` column to files written before it existed."""
+        for table in ("leases", "events"):
+            columns = {row[1] for row in db.execute(f"PRAGMA table_info({table})")}
+            if "created" not in columns:
+                db.execute(f"ALTER TABLE {table} ADD COLUMN created INTEGER NOT NULL DEFAULT 0")
+                db.execute(f"UPDATE {table} SET created = revision")
+                log.info("embedded store %s: added the created-revision column to %s", self._path, table)
 
     # -- plumbing -----------------------------------------------------------------------------
+
+    def _check_file(self, force: bool = False) -> None:
+        """Raise ``StoreCorrupted`` when the file header shows damage (read at most once a second)."""
+        now = time.monotonic()
+        if self._damage is None and (force or now - self._last_check >= FILE_CHECK_INTERVAL):
+            self._last_check = now
+            self._damage = file_damage(self._path)
+        if self._damage is not None:
+            raise _corrupted(self._path, self._damage)
+
+    def _translate(self, exc: sqlite3.Error) -> Exception:
+        """SQLite's error as ours: lock contention is transient, damage is ``StoreCorrupted``."""
+        text = str(exc)
+        name = getattr(exc, "sqlite_errorname", "")
+        if isinstance(exc, sqlite3.ProgrammingError | sqlite3.InterfaceError):  # e.g. used after close()
+            return StoreUnavailable(f"embedded store {self._path}: {text}")
+        if isinstance(exc, sqlite3.OperationalError) and name not in _CORRUPT_CODES and "no such table" not in text:
+            if "locked" in text or "busy" in text:
+                return StoreUnavailable(f"embedded store {self._path} is locked: {text}")
+            return StoreUnavailable(f"embedded store {self._path} failed: {text}")
+        self._damage = text
+        return _corrupted(self._path, text)
+
+    @contextmanager
+    def _read(self) -> Iterator[sqlite3.Connection]:
+        """The connection, under the lock, with SQLite errors translated."""
+        with self._lock:
+            self._check_file()
+            try:
+                yield self._db
+            except sqlite3.Error as exc:
+                raise self._translate(exc) from exc
 
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
         """One ``BEGIN IMMEDIATE`` transaction: serialised against every other process."""
         with self._lock:
+            self._check_file()
             try:
                 self._db.execute("BEGIN IMMEDIATE")
-            except sqlite3.OperationalError as exc:
-                raise StoreUnavailable(f"embedded store is locked or unreadable: {exc}") from exc
+            except sqlite3.Error as exc:
+                raise self._translate(exc) from exc
             try:
                 yield self._db
-            except BaseException:
-                self._db.execute("ROLLBACK")
+            except BaseException as exc:
+                try:
+                    self._db.execute("ROLLBACK")
+                except sqlite3.Error:
+                    pass
+                if isinstance(exc, sqlite3.Error):
+                    raise self._translate(exc) from exc
                 raise
             else:
-                self._db.execute("COMMIT")
+                try:
+                    self._db.execute("COMMIT")
+                except sqlite3.Error as exc:
+                    raise self._translate(exc) from exc
 
     def _bump(self, db: sqlite3.Connection) -> int:
         row = db.execute(
@@ -149,12 +255,19 @@ class EmbeddedStore(Store):
         return int(row[0])
 
     def _record(
-        self, db: sqlite3.Connection, kind: EventKind, key: str, value: str | None, expires: float | None
+        self,
+        db: sqlite3.Connection,
+        kind: EventKind,
+        key: str,
+        value: str | None,
+        expires: float | None,
+        created: int | None = None,
     ) -> int:
+        """Bump the revision and log the change; *created* None means "created by this change"."""
         revision = self._bump(db)
         db.execute(
-            "INSERT INTO events (revision, kind, key, value, expires) VALUES (?, ?, ?, ?, ?)",
-            (revision, kind.value, key, value, expires),
+            "INSERT INTO events (revision, kind, key, value, expires, created) VALUES (?, ?, ?, ?, ?, ?)",
+            (revision, kind.value, key, value, expires, revision if created is None else created),
         )
         cutoff = revision - self.options.history
         if cutoff > 0 and revision % 64 == 0:
@@ -163,8 +276,8 @@ class EmbeddedStore(Store):
         return revision
 
     def _meta(self, key: str) -> int:
-        with self._lock:
-            row = self._db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        with self._read() as db:
+            row = db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
         return int(row[0])
 
     def _sweep(self, force: bool = False) -> None:
@@ -173,8 +286,8 @@ class EmbeddedStore(Store):
         if not force and now - self._last_sweep < SWEEP_INTERVAL:
             return
         self._last_sweep = now
-        with self._lock:
-            stale = self._db.execute(
+        with self._read() as db:
+            stale = db.execute(
                 "SELECT 1 FROM leases WHERE expires IS NOT NULL AND expires <= ? LIMIT 1", (now,)
             ).fetchone()
         if stale is None:
@@ -184,21 +297,26 @@ class EmbeddedStore(Store):
 
     def _expire(self, db: sqlite3.Connection, now: float) -> None:
         rows = db.execute(
-            "SELECT key, value, expires FROM leases WHERE expires IS NOT NULL AND expires <= ?", (now,)
+            "SELECT key, value, expires, created FROM leases WHERE expires IS NOT NULL AND expires <= ?", (now,)
         ).fetchall()
-        for key, value, expires in rows:
+        for key, value, expires, created in rows:
             db.execute("DELETE FROM leases WHERE key = ?", (key,))
-            self._record(db, EventKind.EXPIRED, key, value, expires)
+            self._record(db, EventKind.EXPIRED, key, value, expires, created)
 
-    def _to_lease(self, key: str, value: str, expires: float | None, revision: int) -> Lease:
+    @staticmethod
+    def _entry(key: str, value: Any, expires: float | None, revision: int, created: int) -> Entry:
         expiration = None if expires is None else datetime.fromtimestamp(expires, UTC)
-        return parse_lease(key, value, expiration=expiration, revision=revision, ipv6=":" in key)
+        text = value if isinstance(value, str | bytes) else str(value)
+        return Entry(key, text, int(revision), expiration, int(created or 0), ipv6=is_ipv6_key(key))
+
+    def _expires(self, ttl: timedelta | None, now: float) -> float | None:
+        return None if ttl is None else now + ttl.total_seconds()
 
     # -- config -------------------------------------------------------------------------------
 
     def get_config(self) -> str | None:
-        with self._lock:
-            row = self._db.execute("SELECT value FROM meta WHERE key = 'config'").fetchone()
+        with self._read() as db:
+            row = db.execute("SELECT value FROM meta WHERE key = 'config'").fetchone()
         return None if row is None else str(row[0])
 
     def put_config(self, text: str, *, only_if_absent: bool = False) -> bool:
@@ -209,106 +327,76 @@ class EmbeddedStore(Store):
                 cursor = db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('config', ?)", (text,))
             return cursor.rowcount == 1
 
-    # -- leases -------------------------------------------------------------------------------
+    # -- key-value primitives -----------------------------------------------------------------
 
-    def list_leases(self) -> LeaseList:
+    def list_entries(self) -> EntryList:
         self._sweep(force=True)
-        with self._lock:
-            self._db.execute("BEGIN")
+        with self._read() as db:
+            db.execute("BEGIN")
             try:
-                rows = self._db.execute("SELECT key, value, expires, revision FROM leases").fetchall()
-                revision = int(self._db.execute("SELECT value FROM meta WHERE key = 'revision'").fetchone()[0])
+                rows = db.execute("SELECT key, value, expires, revision, created FROM leases").fetchall()
+                revision = int(db.execute("SELECT value FROM meta WHERE key = 'revision'").fetchone()[0])
             finally:
-                self._db.execute("COMMIT")
-        leases = []
+                db.execute("COMMIT")
         now = time.time()
-        for key, value, expires, rev in rows:
-            if expires is not None and expires <= now:
-                continue
-            try:
-                leases.append(self._to_lease(key, value, expires, rev))
-            except GarbledLease as exc:
-                log.warning("embedded store: skipping garbled lease %s: %s", key, exc)
-        return LeaseList(tuple(leases), revision)
+        entries = tuple(
+            self._entry(key, value, expires, rev, created)
+            for key, value, expires, rev, created in rows
+            if expires is None or expires > now
+        )
+        return EntryList(entries, revision)
 
-    def create_lease(self, lease: Lease) -> Lease | None:
-        key = lease.key
-        value = lease.attrs.to_json()
+    def get_entry(self, key: str) -> Entry | None:
+        with self._read() as db:
+            row = db.execute("SELECT value, expires, revision, created FROM leases WHERE key = ?", (key,)).fetchone()
+        if row is None or (row[1] is not None and row[1] <= time.time()):
+            return None
+        return self._entry(key, row[0], row[1], row[2], row[3])
+
+    def create_entry(self, key: str, value: str, ttl: timedelta | None) -> Entry | None:
         now = time.time()
-        expires = now + self.lease_ttl.total_seconds()
+        expires = self._expires(ttl, now)
         with self._write() as db:
             self._expire(db, now)
             if db.execute("SELECT 1 FROM leases WHERE key = ?", (key,)).fetchone():
                 return None
             revision = self._record(db, EventKind.ADDED, key, value, expires)
             db.execute(
-                "INSERT INTO leases (key, value, expires, revision) VALUES (?, ?, ?, ?)",
-                (key, value, expires, revision),
+                "INSERT INTO leases (key, value, expires, revision, created) VALUES (?, ?, ?, ?, ?)",
+                (key, value, expires, revision, revision),
             )
-        return self._to_lease(key, value, expires, revision)
+        return self._entry(key, value, expires, revision, revision)
 
-    def update_lease(self, lease: Lease, attrs: LeaseAttrs) -> Lease:
-        key = lease.key
-        value = attrs.to_json()
+    def put_entry(self, current: Entry, value: str, ttl: timedelta | None) -> Entry | None:
         now = time.time()
+        expires = self._expires(ttl, now)
         with self._write() as db:
             self._expire(db, now)
-            row = db.execute("SELECT value, expires FROM leases WHERE key = ?", (key,)).fetchone()
-            if row is None:
-                raise LeaseLost(f"lease {key} no longer exists in the embedded store")
-            current = LeaseAttrs.from_json(row[0])
-            if current.public_ip != attrs.public_ip:
-                raise LeaseLost(f"lease {key} now belongs to {current.public_ip}")
-            expires = None if row[1] is None else now + self.lease_ttl.total_seconds()
-            revision = self._record(db, EventKind.ADDED, key, value, expires)
+            row = db.execute("SELECT revision, created FROM leases WHERE key = ?", (current.key,)).fetchone()
+            if row is None or row[0] != current.version:
+                return None
+            created = int(row[1])
+            revision = self._record(db, EventKind.ADDED, current.key, value, expires, created)
             db.execute(
                 "UPDATE leases SET value = ?, expires = ?, revision = ? WHERE key = ?",
-                (value, expires, revision, key),
+                (value, expires, revision, current.key),
             )
-        return self._to_lease(key, value, expires, revision)
+        return self._entry(current.key, value, expires, revision, created)
 
-    def delete_lease(self, lease: Lease) -> None:
-        self._delete(lease.key)
-
-    def _delete(self, key: str) -> None:
+    def delete_entry(self, current: Entry) -> bool:
         with self._write() as db:
-            row = db.execute("SELECT value, expires FROM leases WHERE key = ?", (key,)).fetchone()
+            row = db.execute(
+                "SELECT value, expires, revision, created FROM leases WHERE key = ?", (current.key,)
+            ).fetchone()
             if row is None:
-                return
-            db.execute("DELETE FROM leases WHERE key = ?", (key,))
-            self._record(db, EventKind.REMOVED, key, row[0], row[1])
+                return True
+            if row[2] != current.version:
+                return False
+            db.execute("DELETE FROM leases WHERE key = ?", (current.key,))
+            self._record(db, EventKind.REMOVED, current.key, row[0], row[1], row[3])
+        return True
 
-    def reserve(self, subnet: IPv4Network, public_ip: IPv4Address) -> Lease:
-        key = subnet_to_key(subnet)
-        with self._write() as db:
-            self._expire(db, time.time())
-            row = db.execute("SELECT value FROM leases WHERE key = ?", (key,)).fetchone()
-            if row is not None:
-                current = LeaseAttrs.from_json(row[0])
-                if current.public_ip != public_ip:
-                    raise UserError(
-                        f"subnet {subnet} is leased by {current.public_ip}; "
-                        "release that lease first or reserve another subnet"
-                    )
-                attrs = current
-            else:
-                attrs = LeaseAttrs(public_ip=public_ip, backend_type="")
-            value = attrs.to_json()
-            revision = self._record(db, EventKind.ADDED, key, value, None)
-            db.execute(
-                "INSERT OR REPLACE INTO leases (key, value, expires, revision) VALUES (?, ?, NULL, ?)",
-                (key, value, revision),
-            )
-        return self._to_lease(key, value, None, revision)
-
-    def unreserve(self, subnet: IPv4Network) -> None:
-        key = subnet_to_key(subnet)
-        with self._lock:
-            row = self._db.execute("SELECT expires FROM leases WHERE key = ?", (key,)).fetchone()
-        if row is not None and row[0] is None:
-            self._delete(key)
-
-    def wait_for_events(self, since_revision: int, timeout: float) -> WatchResult:
+    def watch_entries(self, since_revision: int, timeout: float) -> ChangeList:
         deadline = time.monotonic() + timeout
         while True:
             self._sweep()
@@ -316,33 +404,23 @@ class EmbeddedStore(Store):
                 break
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                return WatchResult((), since_revision)
+                return ChangeList((), since_revision)
             time.sleep(min(POLL_INTERVAL, remaining))
-        with self._lock:
-            if since_revision < self._meta("compacted"):
-                raise HistoryGone(f"embedded store history before revision {self._meta('compacted')} is gone")
-            rows = self._db.execute(
-                "SELECT revision, kind, key, value, expires FROM events WHERE revision > ? ORDER BY revision",
+        with self._read() as db:
+            compacted = self._meta("compacted")
+            if since_revision < compacted:
+                raise HistoryGone(f"embedded store history before revision {compacted} is gone")
+            rows = db.execute(
+                "SELECT revision, kind, key, value, expires, created FROM events WHERE revision > ? ORDER BY revision",
                 (since_revision,),
             ).fetchall()
-        events = []
+        changes = []
         revision = since_revision
-        for rev, kind, key, value, expires in rows:
+        for rev, kind, key, value, expires, created in rows:
             revision = rev
-            try:
-                subnet = key_to_subnet(key)
-            except GarbledLease as exc:
-                log.warning("embedded store: skipping event for garbled key %s: %s", key, exc)
-                continue
-            lease = None
-            try:
-                lease = self._to_lease(key, value, expires, rev) if value is not None else None
-            except GarbledLease as exc:
-                if kind == EventKind.ADDED.value:
-                    log.warning("embedded store: skipping garbled lease %s: %s", key, exc)
-                    continue
-            events.append(LeaseEvent(EventKind(kind), subnet, lease, rev))
-        return WatchResult(tuple(events), max(revision, since_revision))
+            entry = None if value is None else self._entry(key, value, expires, rev, created)
+            changes.append(Change(EventKind(kind), key, entry, rev, ipv6=is_ipv6_key(key)))
+        return ChangeList(tuple(changes), max(revision, since_revision))
 
     def close(self) -> None:
         with self._lock:

@@ -12,20 +12,29 @@ Design notes:
 * 0.12's generated protobuf modules only load with the pure-Python protobuf runtime when
   protobuf >= 4 is installed, hence the ``setdefault`` of
   ``PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION`` before the import (users never have to know).
-* ``wait_for_events`` opens one short gRPC watch stream per call, starting at
+* ``watch_entries`` opens one short gRPC watch stream per call, starting at
   ``since_revision + 1`` with ``prev_kv``.  Nothing outlives the call, so there is nothing to
   go stale across reconnects; a call on a dead or hung etcd fails with ``StoreUnavailable``
   after at most ``WATCH_CREATE_TIMEOUT`` (no "watch created" answer), and the caller backs off.
   Compaction is reported by etcd on the stream and becomes ``HistoryGone``.
+* This module implements the key-value primitives of ``Store``; the lease policy (owner
+  checks, "a reservation stays a reservation", compare-and-swap retries, decoding, garbled
+  entries reported once) is the base class's, shared with every store.
+* Every write is a transaction guarded on the key: version 0 for ``create_entry``; the mod
+  revision that was read for ``put_entry`` and ``delete_entry``.  Nobody's lease is ever
+  overwritten.  An entry with a TTL is bound to its own etcd lease; a key without an etcd lease
+  is a reservation (``ttl=None`` writes one).  ``Entry.created_revision`` is the KV's
+  ``create_revision``.
 * Deletes are told apart by the etcd lease of the deleted key (``prev_kv``): when that lease
   no longer exists the key went because its TTL ran out (``EXPIRED``); when it still exists the
-  key was deleted (``REMOVED``).  For that reason ``delete_lease`` never revokes the etcd lease
-  (it owns no key any more and simply runs out).  A renewal grants a new etcd lease, as flannel
-  does, and revokes the replaced one once no key uses it.  A failed write never revokes the
-  lease it granted: the write may have been applied, and the revoke would delete the key.
-* Every write is a transaction guarded on the key: version 0 to create; the mod revision that
-  was read (after checking the PublicIP) to update, reserve or delete.  Nobody's lease is ever
-  overwritten.  A key without an etcd lease is a reservation and stays one when updated.
+  key was deleted (``REMOVED``).  Revoke rules follow from that: ``delete_entry`` never revokes
+  the etcd lease (it owns no key any more and simply runs out); ``put_entry`` grants a new etcd
+  lease, as flannel does, and revokes the replaced one once no key uses it; a write that lost
+  its compare-and-swap revokes the lease it granted; a failed call never revokes what it
+  granted: the write may have been applied, and the revoke would delete the key.
+* Options are checked when read: every endpoint must parse as a URL (``http://[::1`` is one
+  line naming ``--etcd-endpoints``), the TTL and margin by ``LeaseTimingOptions``; the password
+  is an ``option(secret=True)`` and never appears in a repr.
 * ``Lease.expiration`` comes from the etcd lease's remaining TTL.  Expiry times of etcd leases
   do not move (we never keep them alive), so they are cached per lease ID; the misses of a
   listing are asked for concurrently (gRPC futures), which keeps a list of 1000 leases fast.
@@ -43,24 +52,23 @@ import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime, timedelta
-from ipaddress import IPv4Address, IPv4Network
 from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import attrs
-from overlayd.errors import GarbledLease, HistoryGone, LeaseLost, StoreUnavailable, UserError
-from overlayd.model import (
-    EventKind,
-    Lease,
-    LeaseAttrs,
-    LeaseEvent,
-    LeaseList,
-    WatchResult,
-    key_to_subnet,
-    parse_lease,
-    subnet_to_key,
+from overlayd.errors import HistoryGone, LeaseLost, StoreUnavailable, UserError
+from overlayd.model import EventKind
+from overlayd.plugin import (
+    Change,
+    ChangeList,
+    Entry,
+    EntryList,
+    LeaseTimingOptions,
+    Store,
+    comma_list,
+    is_ipv6_key,
+    option,
 )
-from overlayd.plugin import Store, comma_list, option, seconds
 
 # python-etcd3 0.12's *_pb2 modules predate protobuf 4's upb runtime; see the design notes.
 os.environ.setdefault("PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION", "python")
@@ -95,8 +103,6 @@ EXPIRY_CACHE_SECONDS = 60.0
 #: Rounds over all members while etcd elects a leader, and the pause between them.
 ELECTION_ROUNDS = 4
 ELECTION_PAUSE = 0.5
-#: Compare-and-swap retries for update, reserve and delete when the key changes under us.
-CAS_ATTEMPTS = 5
 
 _GRPC_OPTIONS = [
     ("grpc.initial_reconnect_backoff_ms", 200),
@@ -124,24 +130,6 @@ _TLS_HINTS = ("certificate", "x509", "ssl_error_ssl", "tsi_data_corrupted", "wro
 
 
 @attrs.frozen
-class EtcdOptions:
-    endpoints: tuple[str, ...] = option(
-        "http://127.0.0.1:2379", "comma-separated etcd client URLs (http:// or https://)", converter=comma_list
-    )
-    prefix: str = option("/coreos.com/network", "key prefix of the network config and the leases")
-    cafile: str = option("", "CA certificate (PEM) that signed the etcd server certificate")
-    certfile: str = option("", "client certificate (PEM) for etcd client-certificate auth")
-    keyfile: str = option("", "private key (PEM) of the client certificate")
-    username: str = option("", "etcd user name (etcd auth)")
-    # option() with repr=False, so a logged Options object never shows it
-    password: str = attrs.field(default="", repr=False, metadata={"help": "password of the etcd user", "secret": True})
-    ttl: timedelta = option(timedelta(hours=24), "lease lifetime in seconds", converter=seconds)
-    renew_margin: timedelta = option(
-        timedelta(hours=1), "renew a lease when less than this many seconds are left", converter=seconds
-    )
-
-
-@attrs.frozen
 class _Endpoint:
     url: str
     host: str
@@ -157,6 +145,7 @@ class _KV:
     value: bytes
     lease_id: int
     mod_revision: int
+    create_revision: int = 0
 
 
 class _Unavailable(Exception):
@@ -168,7 +157,10 @@ class _Unavailable(Exception):
 
 def _parse_endpoint(url: str) -> _Endpoint:
     text = url if "://" in url else f"http://{url}"
-    parts = urlsplit(text)
+    try:
+        parts = urlsplit(text)
+    except ValueError as exc:  # e.g. an unclosed "[::1"
+        raise UserError(f"etcd endpoint {url!r} is not a URL ({exc}); fix --etcd-endpoints") from exc
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise UserError(f"etcd endpoint {url!r} is not a URL like http://127.0.0.1:2379; fix --etcd-endpoints")
     try:
@@ -177,6 +169,27 @@ def _parse_endpoint(url: str) -> _Endpoint:
         raise UserError(f"etcd endpoint {url!r} has a bad port; fix --etcd-endpoints") from exc
     host = f"[{parts.hostname}]" if ":" in parts.hostname else parts.hostname
     return _Endpoint(url=text, host=host, port=port, secure=parts.scheme == "https")
+
+
+def _endpoint_list(value: str | Sequence[str]) -> tuple[str, ...]:
+    """Converter: the comma-separated endpoints, each checked to be a usable URL right away."""
+    endpoints = comma_list(value)
+    for url in endpoints:
+        _parse_endpoint(url)
+    return endpoints
+
+
+@attrs.frozen
+class EtcdOptions(LeaseTimingOptions):
+    endpoints: tuple[str, ...] = option(
+        "http://127.0.0.1:2379", "comma-separated etcd client URLs (http:// or https://)", converter=_endpoint_list
+    )
+    prefix: str = option("/coreos.com/network", "key prefix of the network config and the leases")
+    cafile: str = option("", "CA certificate (PEM) that signed the etcd server certificate")
+    certfile: str = option("", "client certificate (PEM) for etcd client-certificate auth")
+    keyfile: str = option("", "private key (PEM) of the client certificate")
+    username: str = option("", "etcd user name (etcd auth)")
+    password: str = option("", "password of the etcd user", secret=True)  # secret: never in a repr
 
 
 def _rpc_error(exc: BaseException) -> grpc.RpcError | None:
@@ -197,6 +210,11 @@ def _details(error: grpc.RpcError) -> str:
 
 def _prefix_end(prefix: bytes) -> bytes:
     return bytes(etcd3.utils.increment_last_byte(prefix))
+
+
+def _kv(kv: Any) -> _KV:
+    """A ``_KV`` from etcd's protobuf ``KeyValue``."""
+    return _KV(kv.key.decode(errors="replace"), kv.value, kv.lease, int(kv.mod_revision), int(kv.create_revision))
 
 
 class EtcdStore(Store):
@@ -383,16 +401,12 @@ class EtcdStore(Store):
 
     # -- small helpers ------------------------------------------------------------------------
 
-    def _key_for(self, lease: Lease) -> str:
-        directory = self._v4_dir if lease.subnet is not None else self._v6_dir
-        return directory + lease.key
-
     def _get(self, key: str) -> tuple[_KV | None, int]:
         def get(client: etcd3.Etcd3Client) -> tuple[_KV | None, int]:
             response = client.kvstub.Range(
                 etcdrpc.RangeRequest(key=key.encode()), REQUEST_TIMEOUT, metadata=client.metadata
             )
-            kvs = [_KV(kv.key.decode(errors="replace"), kv.value, kv.lease, kv.mod_revision) for kv in response.kvs]
+            kvs = [_kv(kv) for kv in response.kvs]
             return (kvs[0] if kvs else None), int(response.header.revision)
 
         return self._call("get", get)
@@ -409,8 +423,8 @@ class EtcdStore(Store):
 
         return self._call(what, txn)
 
-    def _grant(self) -> tuple[int, datetime]:
-        ttl = max(1, round(self.lease_ttl.total_seconds()))
+    def _grant(self, lifetime: timedelta) -> tuple[int, datetime]:
+        ttl = max(1, round(lifetime.total_seconds()))
         before = time.time()
 
         def grant(client: etcd3.Etcd3Client) -> tuple[int, int]:
@@ -498,19 +512,24 @@ class EtcdStore(Store):
                     self._expiry[lease_id] = (before + ttl, now_mono)
         return out
 
-    def _to_lease(self, kv: _KV, expires: float | None, revision: int) -> Lease:
-        directory = self._v4_dir if kv.key.startswith(self._v4_dir) else self._v6_dir
-        name = kv.key[len(directory) :]
-        if "/" in name or not name:
-            raise GarbledLease(f"unexpected key {kv.key!r} under {directory}")
-        expiration = None if expires is None else datetime.fromtimestamp(expires, UTC)
-        return parse_lease(name, kv.value, expiration=expiration, revision=revision, ipv6=directory == self._v6_dir)
+    def _split(self, key: str) -> tuple[str, bool] | None:
+        """(name, ipv6) of a full lease key, or None for a key outside both lease directories."""
+        for directory, ipv6 in ((self._v4_dir, False), (self._v6_dir, True)):
+            if key.startswith(directory):
+                return key[len(directory) :], ipv6
+        return None
 
-    def _owner(self, kv: _KV) -> IPv4Address | None:
-        try:
-            return LeaseAttrs.from_json(kv.value).public_ip
-        except GarbledLease:
+    def _full_key(self, key: str) -> str:
+        return (self._v6_dir if is_ipv6_key(key) else self._v4_dir) + key
+
+    def _entry(self, kv: _KV, expires: float | None) -> Entry | None:
+        """The entry of a lease key read from etcd (None when outside the lease directories)."""
+        split = self._split(kv.key)
+        if split is None:
             return None
+        name, ipv6 = split
+        expiration = None if expires is None else datetime.fromtimestamp(expires, UTC)
+        return Entry(name, kv.value, kv.mod_revision, expiration, kv.create_revision, ipv6, handle=kv.lease_id)
 
     # -- config -------------------------------------------------------------------------------
 
@@ -526,7 +545,7 @@ class EtcdStore(Store):
 
     # -- leases -------------------------------------------------------------------------------
 
-    def list_leases(self) -> LeaseList:
+    def list_entries(self) -> EntryList:
         def read(client: etcd3.Etcd3Client) -> tuple[list[_KV], int]:
             ops = [
                 etcdrpc.RequestOp(
@@ -537,119 +556,76 @@ class EtcdStore(Store):
                 for directory in (self._v4_dir, self._v6_dir)
             ]
             response = client.kvstub.Txn(etcdrpc.TxnRequest(success=ops), REQUEST_TIMEOUT, metadata=client.metadata)
-            kvs = [
-                _KV(kv.key.decode(errors="replace"), kv.value, kv.lease, kv.mod_revision)
-                for op in response.responses
-                for kv in op.response_range.kvs
-            ]
+            kvs = [_kv(kv) for op in response.responses for kv in op.response_range.kvs]
             return kvs, int(response.header.revision)
 
         kvs, revision = self._call("list leases", read)
         expiries = self._remaining([kv.lease_id for kv in kvs if kv.lease_id])
-        leases = []
+        entries = []
         for kv in kvs:
             expires = expiries.get(kv.lease_id) if kv.lease_id else None
             if kv.lease_id and expires is None:
                 continue  # its etcd lease just ran out; etcd deletes the key any moment
-            try:
-                leases.append(self._to_lease(kv, expires, kv.mod_revision))
-            except GarbledLease as exc:
-                log.warning("etcd store: skipping garbled lease %s: %s", kv.key, exc)
-        return LeaseList(tuple(leases), revision)
+            entry = self._entry(kv, expires)
+            if entry is not None:
+                entries.append(entry)
+        return EntryList(tuple(entries), revision)
 
-    def create_lease(self, lease: Lease) -> Lease | None:
-        key = self._key_for(lease)
-        value = lease.attrs.to_json()
-        lease_id, expiration = self._grant()
+    def get_entry(self, key: str) -> Entry | None:
+        kv, _ = self._get(self._full_key(key))
+        if kv is None:
+            return None
+        expires = self._remaining([kv.lease_id]).get(kv.lease_id) if kv.lease_id else None
+        if kv.lease_id and expires is None:
+            return None  # its etcd lease ran out; the key goes any moment
+        return self._entry(kv, expires)
+
+    def create_entry(self, key: str, value: str, ttl: timedelta | None) -> Entry | None:
+        full = self._full_key(key)
+        lease_id, expiration = self._grant(ttl) if ttl is not None else (0, None)
         txn = etcd3.Transactions()
         # No revoke when the call fails: it may have been applied, and revoking would delete the key.
-        created, revision = self._txn([txn.version(key) == 0], [txn.put(key, value, lease=lease_id)], "create lease")
+        created, revision = self._txn(
+            [txn.version(full) == 0], [txn.put(full, value, lease=lease_id or None)], "create lease"
+        )
         if not created:
-            self._revoke(lease_id)
-            return None
-        return attrs.evolve(lease, expiration=expiration, revision=revision)
-
-    def update_lease(self, lease: Lease, attrs: LeaseAttrs) -> Lease:
-        key = self._key_for(lease)
-        value = attrs.to_json()
-        txn = etcd3.Transactions()
-        for _ in range(CAS_ATTEMPTS):
-            kv, _ = self._get(key)
-            if kv is None:
-                raise LeaseLost(f"lease {lease.key} no longer exists in etcd")
-            owner = self._owner(kv)
-            if owner != attrs.public_ip:
-                raise LeaseLost(f"lease {lease.key} now belongs to {owner or 'an unreadable value'}")
-            if kv.lease_id == 0:  # a reservation stays a reservation
-                lease_id, expiration = 0, None
-            else:
-                lease_id, expiration = self._grant()
-            done, revision = self._txn(
-                [txn.mod(key) == kv.mod_revision],
-                [txn.put(key, value, lease=lease_id or None)],
-                "update lease",
-            )
-            if done:
-                if kv.lease_id:
-                    self._revoke_if_unused(kv.lease_id)
-                return Lease(lease.subnet, attrs, expiration, ipv6_subnet=lease.ipv6_subnet, revision=revision)
             if lease_id:
                 self._revoke(lease_id)
-        raise StoreUnavailable(f"lease {lease.key} kept changing under us; try again")
+            return None
+        return Entry(key, value, revision, expiration, revision, is_ipv6_key(key), handle=lease_id)
 
-    def delete_lease(self, lease: Lease) -> None:
+    def put_entry(self, current: Entry, value: str, ttl: timedelta | None) -> Entry | None:
+        full = self._full_key(current.key)
+        lease_id, expiration = self._grant(ttl) if ttl is not None else (0, None)
+        txn = etcd3.Transactions()
+        done, revision = self._txn(
+            [txn.mod(full) == current.version], [txn.put(full, value, lease=lease_id or None)], "update lease"
+        )
+        if not done:
+            if lease_id:
+                self._revoke(lease_id)
+            return None
+        if current.handle:
+            self._revoke_if_unused(current.handle)
+        return Entry(current.key, value, revision, expiration, current.created_revision, current.ipv6, handle=lease_id)
+
+    def delete_entry(self, current: Entry) -> bool:
         # The etcd lease is deliberately not revoked: that would make the delete look like an
         # expiry to watchers.  It owns no key now and runs out by itself.
-        self._delete_if(self._key_for(lease), lambda kv: self._owner(kv) == lease.attrs.public_ip)
-
-    def _delete_if(self, key: str, allowed: Callable[[_KV], bool]) -> None:
+        full = self._full_key(current.key)
         txn = etcd3.Transactions()
-        for _ in range(CAS_ATTEMPTS):
-            kv, _ = self._get(key)
-            if kv is None:
-                return
-            if not allowed(kv):
-                log.info("not deleting %s: it now holds someone else's lease", key)
-                return
-            done, _ = self._txn([txn.mod(key) == kv.mod_revision], [txn.delete(key)], "delete lease")
-            if done:
-                return
-        raise StoreUnavailable(f"{key} kept changing under us; try again")
-
-    def reserve(self, subnet: IPv4Network, public_ip: IPv4Address) -> Lease:
-        key = self._v4_dir + subnet_to_key(subnet)
-        txn = etcd3.Transactions()
-        for _ in range(CAS_ATTEMPTS):
-            kv, _ = self._get(key)
-            if kv is None:
-                value = LeaseAttrs(public_ip=public_ip, backend_type="").to_json()
-                compare = [txn.version(key) == 0]
-            else:
-                try:
-                    current = LeaseAttrs.from_json(kv.value)
-                except GarbledLease as exc:
-                    raise UserError(f"subnet {subnet} holds an unreadable value ({exc}); delete {key} first") from exc
-                if current.public_ip != public_ip:
-                    raise UserError(
-                        f"subnet {subnet} is leased by {current.public_ip}; "
-                        "release that lease first or reserve another subnet"
-                    )
-                value = current.to_json()
-                compare = [txn.mod(key) == kv.mod_revision]
-            done, revision = self._txn(compare, [txn.put(key, value)], "reserve")
-            if done:
-                return parse_lease(subnet_to_key(subnet), value, expiration=None, revision=revision)
-        raise StoreUnavailable(f"{key} kept changing under us; try again")
-
-    def unreserve(self, subnet: IPv4Network) -> None:
-        self._delete_if(self._v4_dir + subnet_to_key(subnet), lambda kv: kv.lease_id == 0)
+        done, _ = self._txn([txn.mod(full) == current.version], [txn.delete(full)], "delete lease")
+        if done:
+            return True
+        kv, _ = self._get(full)
+        return kv is None
 
     # -- watching -----------------------------------------------------------------------------
 
-    def wait_for_events(self, since_revision: int, timeout: float) -> WatchResult:
+    def watch_entries(self, since_revision: int, timeout: float) -> ChangeList:
         return self._call("watch", lambda client: self._watch_once(client, since_revision, timeout))
 
-    def _watch_once(self, client: etcd3.Etcd3Client, since_revision: int, timeout: float) -> WatchResult:
+    def _watch_once(self, client: etcd3.Etcd3Client, since_revision: int, timeout: float) -> ChangeList:
         url = str(client._url)
         prefix = (self._prefix + "/").encode()
         create = etcdrpc.WatchCreateRequest(
@@ -696,11 +672,11 @@ class EtcdStore(Store):
                 events = self._convert(response.events)
                 revision = max(revision, max(int(event.kv.mod_revision) for event in response.events))
                 if events:
-                    return WatchResult(tuple(events), revision)
+                    return ChangeList(tuple(events), revision)
         except grpc.RpcError as exc:
             code = exc.code()
             if created.is_set() and code in (grpc.StatusCode.CANCELLED, grpc.StatusCode.DEADLINE_EXCEEDED):
-                return WatchResult((), revision)
+                return ChangeList((), revision)
             if code is grpc.StatusCode.DEADLINE_EXCEEDED:
                 raise _Unavailable(url, f"no answer to a watch within {WATCH_CREATE_TIMEOUT}s") from exc
             raise
@@ -710,48 +686,35 @@ class EtcdStore(Store):
             call.cancel()
         if not created.is_set():
             raise _Unavailable(url, "watch stream ended before it was created")
-        return WatchResult((), revision)
+        return ChangeList((), revision)
 
-    def _convert(self, raw_events: Sequence[Any]) -> list[LeaseEvent]:
-        """etcd watch events -> lease events; garbled keys and values are skipped."""
+    def _convert(self, raw_events: Sequence[Any]) -> list[Change]:
+        """etcd watch events -> changes of lease keys (decoding is the base class's)."""
         puts = [e.kv.lease for e in raw_events if e.type == _PUT and e.kv.lease]
         gone = [e.prev_kv.lease for e in raw_events if e.type == _DELETE and e.prev_kv.lease]
         expiries = self._remaining(puts) if puts else {}
         alive = self._remaining(gone, fresh=True) if gone else {}
-        events: list[LeaseEvent] = []
+        changes: list[Change] = []
         for event in raw_events:
             key = event.kv.key.decode(errors="replace")
-            if not (key.startswith(self._v4_dir) or key.startswith(self._v6_dir)):
+            split = self._split(key)
+            if split is None:
                 continue
-            try:
-                subnet = key_to_subnet(key)
-            except GarbledLease as exc:
-                log.warning("etcd store: skipping event for garbled key %s: %s", key, exc)
-                continue
+            name, ipv6 = split
             revision = int(event.kv.mod_revision)
             if event.type == _PUT:
-                kv = _KV(key, event.kv.value, event.kv.lease, revision)
+                kv = _kv(event.kv)
                 expires = expiries.get(kv.lease_id) if kv.lease_id else None
-                try:
-                    lease = self._to_lease(kv, expires, revision)
-                except GarbledLease as exc:
-                    log.warning("etcd store: skipping garbled lease %s: %s", key, exc)
-                    continue
                 if kv.lease_id and expires is None:
                     continue  # written with an etcd lease that has already run out
-                events.append(LeaseEvent(EventKind.ADDED, subnet, lease, revision))
+                changes.append(Change(EventKind.ADDED, name, self._entry(kv, expires), revision, ipv6))
                 continue
-            previous: Lease | None = None
             prev = event.prev_kv
-            if prev.key:
-                try:
-                    previous = self._to_lease(_KV(key, prev.value, prev.lease, int(prev.mod_revision)), None, revision)
-                except GarbledLease:
-                    previous = None
+            previous = self._entry(_kv(prev), None) if prev.key else None
             expired = bool(prev.lease) and alive.get(prev.lease) is None
             kind = EventKind.EXPIRED if expired else EventKind.REMOVED
-            events.append(LeaseEvent(kind, subnet, previous, revision))
-        return events
+            changes.append(Change(kind, name, previous, revision, ipv6))
+        return changes
 
     def close(self) -> None:
         with self._lock:

@@ -7,6 +7,8 @@ import logging
 from ipaddress import IPv4Address, IPv4Network, IPv6Network
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from overlayd.config import NetworkConfig
 from overlayd.errors import ConfigError
 
@@ -88,3 +90,44 @@ def test_contains_subnet() -> None:
     assert not config.contains_subnet(IPv4Network("10.244.0.0/24"))  # below SubnetMin
     assert not config.contains_subnet(IPv4Network("10.245.3.0/24"))
     assert not config.contains_subnet(IPv4Network("10.244.3.0/25"))
+
+
+# -- bounded decoding (issue 10, item 1) --------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('{"Network": "10.0.0.0/16", "Backend": ' + "[" * 1100 + "]" * 1100 + "}", "nested more than 32 levels"),
+        ("[" * 1100 + "]" * 1100, "nested more than 32 levels"),
+        ('{"Network": "10.0.0.0/16", "x": "' + "a" * 2_000_000 + '"}', "more than the 1048576 allowed"),
+        (b'{"Network": "10.0.0.0/16\xff"}', "not UTF-8"),
+    ],
+)
+def test_unusable_config_is_one_config_error(text: str | bytes, message: str) -> None:
+    with pytest.raises(ConfigError, match=message) as info:
+        NetworkConfig.from_json(text)
+    assert "\n" not in str(info.value)
+
+
+_json = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=12), inner, max_size=5),
+    max_leaves=30,
+)
+_config_like = st.dictionaries(
+    st.sampled_from(["Network", "SubnetLen", "SubnetMin", "SubnetMax", "EnableIPv6", "IPv6Network", "Backend", "x"]),
+    _json | st.sampled_from(["10.244.0.0/16", "10.244.1.0", "fd00::/56", 24, True]),
+    max_size=6,
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.one_of(st.text(max_size=300), st.binary(max_size=200), _json.map(json.dumps), _config_like.map(json.dumps)))
+def test_config_parses_or_is_one_config_error(raw: str | bytes) -> None:
+    try:
+        config = NetworkConfig.from_json(raw)
+    except ConfigError as exc:
+        assert "\n" not in str(exc)
+        return
+    assert NetworkConfig.from_json(config.to_json()) == config

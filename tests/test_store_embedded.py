@@ -16,10 +16,22 @@ from overlayd.testing.store_contract import NETWORK, attrs_for
 
 
 def _raw_writer(path: Path):
+    """Write a lease row and its event the way the store does, but with any key and value."""
+
     def write(key: str, value: str) -> None:
         db = sqlite3.connect(path)
         with db:
-            db.execute("INSERT INTO leases (key, value, expires, revision) VALUES (?, ?, NULL, 999999)", (key, value))
+            [(rev,)] = db.execute(
+                "UPDATE meta SET value = CAST(value AS INTEGER) + 1 WHERE key = 'revision' RETURNING value"
+            ).fetchall()
+            db.execute(
+                "INSERT OR REPLACE INTO leases (key, value, expires, revision, created) VALUES (?, ?, NULL, ?, ?)",
+                (key, value, int(rev), int(rev)),
+            )
+            db.execute(
+                "INSERT INTO events (revision, kind, key, value, expires, created) VALUES (?, 'added', ?, ?, NULL, ?)",
+                (int(rev), key, value, int(rev)),
+            )
         db.close()
 
     return write

@@ -9,6 +9,8 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -20,13 +22,14 @@ from typing import Any
 import attrs
 import pytest
 from overlayd import open_store
-from overlayd.errors import HistoryGone, LeaseLost, StoreUnavailable, UserError
+from overlayd.daemon import resolve_network_config
+from overlayd.errors import ConfigError, HistoryGone, LeaseLost, StoreUnavailable, UserError
 from overlayd.model import EventKind, Lease, LeaseEvent, LeaseList
 from overlayd.stores.etcd import EtcdOptions
 from overlayd.testing import StoreContract, StoreSpec
 from overlayd.testing.etcd import EtcdCluster, EtcdServer, free_port, make_tls
 from overlayd.testing.netns import netns_factory, netns_pids, run
-from overlayd.testing.store_contract import NETWORK, attrs_for
+from overlayd.testing.store_contract import DEEP_JSON, NETWORK, attrs_for
 
 pytestmark = [
     pytest.mark.etcd,
@@ -492,3 +495,33 @@ def test_harness_runs_etcd_inside_a_network_namespace(netns_factory: Callable[..
     finally:
         server.stop()
     assert not server.running and not server.base_dir.exists()
+
+
+def test_deeply_nested_config_is_one_line_for_the_cli_and_start_up(etcd: EtcdServer, prefix: str) -> None:
+    """~2 KB of 1100-level nested JSON at <prefix>/config used to be a RecursionError traceback."""
+    etcd.etcdctl("put", f"{prefix}/config", DEEP_JSON)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("OVERLAYD_")}
+    args = ["--store", "etcd", "--etcd-endpoints", etcd.endpoint, "--etcd-prefix", prefix, "network", "show"]
+    result = subprocess.run(
+        [sys.executable, "-c", "from overlayd.cli import main; main()", *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=60,
+    )
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result
+    assert len(result.stderr.strip().splitlines()) == 1 and "nested more than" in result.stderr
+    store = open_store("etcd", **etcd.store_options(prefix))
+    with pytest.raises(ConfigError, match="nested more than"):
+        resolve_network_config(store, None, None, None)  # the daemon's start-up path
+    store.close()
+
+
+def test_created_revision_is_etcds_create_revision(etcd: EtcdServer, prefix: str) -> None:
+    store = open_store("etcd", **etcd.store_options(prefix))
+    lease = store.acquire_lease(NETWORK, attrs_for("192.0.2.1"))
+    renewed = store.renew_lease(lease)
+    out = json.loads(etcd.etcdctl("get", "-w", "json", f"{prefix}/subnets/{lease.key}"))
+    assert int(out["kvs"][0]["create_revision"]) == lease.created_revision == renewed.created_revision
+    assert int(out["kvs"][0]["mod_revision"]) == renewed.revision > lease.revision
+    store.close()

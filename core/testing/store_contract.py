@@ -9,11 +9,17 @@ Usage::
 
 ``store_spec`` must describe an *empty* store namespace for each test.  ``write_raw(key, value)``
 writes a raw value under the lease prefix (``key`` like ``10.244.3.0-24``) bypassing the plugin,
-the way a buggy third party would; the suite uses it to check that garbage is skipped.
+the way a buggy third party would, and so that a watcher sees the write; the suite uses it to
+check that garbage is skipped (and reported once) on the list and the watch paths.
+
+The suite holds every store to the policy the ``Store`` base class writes once: another host's
+lease is never overwritten or deleted, a missing lease raises ``LeaseLost``, ``unreserve``
+never deletes a live lease, store data is decoded bounded in depth and size.
 """
 
 from __future__ import annotations
 
+import logging
 import multiprocessing
 import threading
 import time
@@ -27,9 +33,12 @@ import pytest
 
 from ..api import open_store
 from ..config import NetworkConfig
-from ..errors import LeaseLost, SubnetExhausted, UserError
+from ..errors import ConfigError, LeaseLost, NotAReservation, SubnetExhausted, UserError
 from ..model import EventKind, Lease, LeaseAttrs, LeaseEvent, LeaseList
 from ..plugin import Store
+
+#: ~2 KB of JSON nested 1100 levels deep: ``json.loads`` of it raises RecursionError.
+DEEP_JSON = "[" * 1100 + "]" * 1100
 
 NETWORK = NetworkConfig.from_dict({"Network": "10.244.0.0/16", "Backend": {"Type": "vxlan"}})
 SMALL = NetworkConfig.from_dict({"Network": "10.250.0.0/24", "SubnetLen": 28})
@@ -222,6 +231,95 @@ class StoreContract:
         store_spec.write_raw("10.244.201.0-24", '{"PublicIP": "not-an-ip", "BackendType": "vxlan"}')
         store_spec.write_raw("not-a-subnet", '{"PublicIP": "192.0.2.9"}')
         assert [x.subnet for x in store.list_leases().leases] == [good.subnet]
+
+    def test_deeply_nested_values_are_skipped_on_list_and_watch(
+        self, store: Store, other_store: Store, store_spec: StoreSpec
+    ) -> None:
+        assert store_spec.write_raw is not None, "provide write_raw to test garbage handling"
+        stop = threading.Event()
+        events = store.watch_leases(stop, poll=0.2)
+        assert isinstance(next(events), LeaseList)
+        store_spec.write_raw("10.244.202.0-24", DEEP_JSON)
+        store_spec.write_raw("10.244.203.0-24", '{"PublicIP": "192.0.2.7", "BackendData": ' + DEEP_JSON + "}")
+        store_spec.write_raw("10.244.204.0-24", '{"PublicIP": "192.0.2.8", "X": "' + "a" * 80_000 + '"}')
+        good = other_store.acquire_lease(NETWORK, attrs_for("192.0.2.1"))
+        event = _next_event(events, timeout=5)  # the watch path skipped the garbage and lives on
+        assert event.kind is EventKind.ADDED and event.lease is not None and event.lease.subnet == good.subnet
+        stop.set()
+        assert [x.subnet for x in other_store.list_leases().leases] == [good.subnet]
+        assert store.garbled_skipped >= 3
+
+    def test_deeply_nested_config_is_a_config_error(self, store: Store) -> None:
+        store.put_config(DEEP_JSON)
+        with pytest.raises(ConfigError, match="nested more than"):
+            NetworkConfig.from_json(store.get_config() or "")
+
+    def test_garbled_entries_are_warned_once_then_counted(
+        self, store: Store, store_spec: StoreSpec, caplog: pytest.LogCaptureFixture
+    ) -> None:
+        assert store_spec.write_raw is not None, "provide write_raw to test garbage handling"
+        for i in range(5):
+            store_spec.write_raw(f"junk-{i}", "{not json")
+        caplog.set_level(logging.WARNING)
+        for _ in range(4):
+            assert store.list_leases().leases == ()
+        warnings = [r for r in caplog.records if "garbled" in r.getMessage()]
+        assert len(warnings) == 5, [r.getMessage() for r in warnings]
+        assert store.garbled_skipped == 20
+        store_spec.write_raw("junk-0", "{still not json")  # a new revision of the key is news
+        store.list_leases()
+        assert len([r for r in caplog.records if "garbled" in r.getMessage()]) == 6
+
+    # -- the lease policy every store shares ----------------------------------------------------
+
+    def test_delete_never_removes_another_hosts_lease(self, store: Store, other_store: Store) -> None:
+        mine = store.acquire_lease(NETWORK, attrs_for("192.0.2.1"))
+        assert mine.subnet is not None
+        other_store.delete_lease(Lease(mine.subnet, attrs_for("192.0.2.2"), None))
+        assert [x.subnet for x in store.list_leases().leases] == [mine.subnet]
+        store.delete_lease(Lease(IPv4Network("10.244.250.0/24"), attrs_for("192.0.2.1"), None))  # missing: no-op
+
+    def test_update_never_overwrites_another_hosts_lease(self, store: Store, other_store: Store) -> None:
+        mine = store.acquire_lease(NETWORK, attrs_for("192.0.2.1"))
+        assert mine.subnet is not None
+        with pytest.raises(LeaseLost, match=r"belongs to 192\.0\.2\.1"):
+            other_store.update_lease(Lease(mine.subnet, attrs_for("192.0.2.2"), None), attrs_for("192.0.2.2"))
+        [only] = store.list_leases().leases
+        assert only.attrs == mine.attrs and only.revision == mine.revision
+
+    def test_a_missing_lease_raises_lease_lost(self, store: Store) -> None:
+        ghost = Lease(IPv4Network("10.244.251.0/24"), attrs_for("192.0.2.1"), None)
+        with pytest.raises(LeaseLost):
+            store.update_lease(ghost, ghost.attrs)
+        with pytest.raises(LeaseLost):
+            store.renew_lease(ghost)
+
+    def test_a_garbled_value_under_our_key_raises_lease_lost(self, store: Store, store_spec: StoreSpec) -> None:
+        assert store_spec.write_raw is not None, "provide write_raw to test garbage handling"
+        store_spec.write_raw("10.244.252.0-24", "{not json")
+        ours = Lease(IPv4Network("10.244.252.0/24"), attrs_for("192.0.2.1"), None)
+        with pytest.raises(LeaseLost, match="unreadable"):
+            store.renew_lease(ours)
+
+    def test_unreserve_refuses_a_live_lease(self, store: Store) -> None:
+        lease = store.acquire_lease(NETWORK, attrs_for("192.0.2.1"))
+        assert lease.subnet is not None
+        with pytest.raises(NotAReservation, match=r"live lease of 192\.0\.2\.1, not a reservation"):
+            store.unreserve(lease.subnet)
+        assert [x.subnet for x in store.list_leases().leases] == [lease.subnet]
+        store.unreserve(IPv4Network("10.244.253.0/24"))  # a missing reservation is a no-op
+
+    def test_created_revision_is_kept_across_renewals(self, store: Store, other_store: Store) -> None:
+        first = store.acquire_lease(NETWORK, attrs_for("192.0.2.1"))
+        second = other_store.acquire_lease(NETWORK, attrs_for("192.0.2.2"))
+        assert 0 < first.created_revision == first.revision < second.created_revision
+        renewed = store.renew_lease(first)
+        assert renewed.created_revision == first.created_revision < renewed.revision
+        listed = {x.subnet: x for x in other_store.list_leases().leases}
+        assert listed[first.subnet].created_revision == first.created_revision
+        assert listed[second.subnet].created_revision == second.created_revision
+        reserved = store.reserve(IPv4Network("10.244.254.0/24"), IPv4Address("192.0.2.9"))
+        assert reserved.created_revision == reserved.revision > 0
 
     # -- watching ------------------------------------------------------------------------------
 
