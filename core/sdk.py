@@ -39,7 +39,7 @@ from .model import (
     subnet_to_key,
 )
 from .peers import public_ip_problem
-from .plan import Plan, diff
+from .plan import Plan, diff, simulate
 from .plugin import (
     Backend,
     Change,
@@ -117,6 +117,7 @@ __all__ = [
     "parse_lease",
     "public_ip_problem",
     "seconds",
+    "simulate",
     "subnet_to_key",
     "to_bool",
 ]

@@ -38,15 +38,18 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import attrs
-from overlayd.errors import HistoryGone, StoreCorrupted, StoreUnavailable, UserError
-from overlayd.model import EventKind
-from overlayd.plugin import (
+from overlayd.sdk import (
     Change,
     ChangeList,
     Entry,
     EntryList,
+    EventKind,
+    HistoryGone,
     LeaseTimingOptions,
     Store,
+    StoreCorrupted,
+    StoreUnavailable,
+    UserError,
     is_ipv6_key,
     option,
 )

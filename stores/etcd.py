@@ -56,15 +56,18 @@ from typing import Any, TypeVar
 from urllib.parse import urlsplit
 
 import attrs
-from overlayd.errors import HistoryGone, LeaseLost, StoreUnavailable, UserError
-from overlayd.model import EventKind
-from overlayd.plugin import (
+from overlayd.sdk import (
     Change,
     ChangeList,
     Entry,
     EntryList,
+    EventKind,
+    HistoryGone,
+    LeaseLost,
     LeaseTimingOptions,
     Store,
+    StoreUnavailable,
+    UserError,
     comma_list,
     is_ipv6_key,
     option,

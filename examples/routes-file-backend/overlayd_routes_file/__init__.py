@@ -16,7 +16,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import attrs
-from overlayd.sdk import Backend, HostInfo, Lease, Network, NetworkConfig, Plan, option
+from overlayd.sdk import Backend, HostInfo, Lease, Network, NetworkConfig, Plan, option, simulate
 
 
 @attrs.frozen
@@ -60,8 +60,6 @@ class RoutesFileNetwork(Network):
             return frozenset()
 
     def apply(self, plan: Plan[Any]) -> None:
-        from overlayd.plan import simulate
-
         rows = sorted((attrs.asdict(r) for r in simulate(self.actual_state(), plan)), key=lambda row: row["dst"])
         tmp = self._path + ".tmp"
         os.makedirs(os.path.dirname(os.path.abspath(self._path)), exist_ok=True)
