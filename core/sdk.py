@@ -6,7 +6,7 @@ contracts in pyproject.toml hold the built-in plugins to that).  docs/writing-a-
 the same names; a name that is not here is internal and may change without notice.
 """
 
-from . import netlink
+from . import netlink, tun
 from .config import NetworkConfig
 from .decode import DecodeError, load_json
 from .errors import (
@@ -61,6 +61,8 @@ from .plugin import (
     to_bool,
 )
 from .routenet import RouteNetwork
+from .udpfwd import ForwarderProcess
+from .udpfwd import Table as ForwardingTable
 
 __all__ = [
     "Backend",
@@ -72,6 +74,8 @@ __all__ = [
     "EntryList",
     "EventKind",
     "FdbEntry",
+    "ForwarderProcess",
+    "ForwardingTable",
     "GarbledLease",
     "HistoryGone",
     "HostInfo",
@@ -120,4 +124,5 @@ __all__ = [
     "simulate",
     "subnet_to_key",
     "to_bool",
+    "tun",
 ]
