@@ -108,6 +108,28 @@ def test_segment_tcp_cuts_like_the_kernel(size: int) -> None:
     assert seen == payload
 
 
+def test_coalesce_rebuilds_the_super_segment_the_sender_cut() -> None:
+    payload = os.urandom(20000)
+    _, pieces = udpfwd.segment_tcp(memoryview(tcp_super_segment(payload, flags=0x18)), 1408)
+    packets = [memoryview(bytes(pieces[i]) + bytes(pieces[i + 1])) for i in range(0, len(pieces), 2)]
+    ack = memoryview(bytes(tcp_super_segment(b"", flags=0x10)))
+    writes = udpfwd.coalesce_tcp([ack, *packets, ack])
+    assert [len(pieces) for _, pieces in writes] == [1, 1 + len(packets), 1]
+    vnet, merged = writes[1]
+    flags, gso_type, hdr_len, gso_size, csum_start, csum_offset = udpfwd.tun.VNET_HDR.unpack(vnet)
+    assert (flags, gso_type, hdr_len, gso_size, csum_start, csum_offset) == (1, 1, 52, 1408, 20, 16)
+    packet = b"".join(bytes(p) for p in merged)
+    assert struct.unpack("!H", packet[2:4])[0] == len(packet) == 52 + len(payload)
+    assert reference_checksum(packet[:20]) in (0, 0xFFFF) and packet[52:] == payload
+    assert packet[33] == 0x18  # the last segment's PSH
+    # a partial checksum: the pseudo header's sum, which the kernel completes over the segment
+    pseudo = packet[12:20] + struct.pack("!BBH", 0, 6, len(packet) - 20)
+    assert struct.unpack("!H", packet[36:38])[0] == (~reference_checksum(pseudo)) & 0xFFFF
+    # a gap in sequence numbers ends the run
+    writes = udpfwd.coalesce_tcp([packets[0], packets[2], packets[3]])
+    assert [len(pieces) for _, pieces in writes] == [1, 3]
+
+
 def test_ttl_decrement_keeps_the_header_checksum_right() -> None:
     packet = ip_header("10.44.1.2", "10.44.2.2", 17, 0, ttl=9)
     assert udpfwd.decrement_ttl(packet)
@@ -381,3 +403,9 @@ def test_interop_with_a_plain_flannel_style_forwarder(lab) -> None:
     finally:
         peer.kill()
         peer.wait()
+
+
+@pytest.mark.parametrize("size", [0, 1, 31, 32, 33, 1420, 1421, 65000])
+def test_fold_is_the_modulo(size: int) -> None:
+    value = int.from_bytes(os.urandom(size), "little") if size else 0
+    assert udpfwd.fold(value, size * 8) == value % 0xFFFF

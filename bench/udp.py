@@ -1,0 +1,140 @@
+"""The udp backend against the bare underlay and kernel vxlan, measured in one run.
+
+For each datapath — kernel ``vxlan``, ``udp`` with offloads off (one packet per system call,
+flannel's C loop done in Python) and ``udp`` with offloads (TSO on the TUN, UDP GSO, UDP GRO) —
+a fresh two-host cluster is built (``overlayd._topology``: veths into a switch bridge, underlay
+MTU 1500) and, alternating underlay and overlay runs so both see the same machine load:
+
+* TCP throughput, one iperf3 stream; UDP throughput and packets/s (iperf3 ``-u -b 0``,
+  1400-byte datagrams, received rate);
+* CPU per packet: busy CPU time of the whole machine (/proc/stat) during the TCP run divided by
+  the packets it carried (bytes / MSS) — the machine is shared, so read it as an upper bound;
+* ping RTT (50 x 10 ms).
+
+Every figure is the median of ``--rounds`` and printed as a ratio of the bare underlay (same
+cluster, same round) and of vxlan.  ``uptime``'s load is printed with each datapath.
+
+Usage (root): ``.venv/bin/python bench/udp.py [--seconds 3] [--rounds 3]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+from collections.abc import Callable
+from ipaddress import IPv4Address
+
+from overlayd import _topology as topo
+
+PORT = 5298
+MSS = 1448
+
+
+def busy_jiffies() -> int:
+    fields = [int(x) for x in open("/proc/stat").readline().split()[1:]]
+    return sum(fields) - fields[3] - fields[4]  # all but idle and iowait
+
+
+def iperf(cluster: topo.Cluster, client: str, server: str, ip: IPv4Address, seconds: int, udp: bool) -> dict[str, float]:
+    proc = cluster.start_process(server, ["iperf3", "-s", "-1", "-B", str(ip), "-p", str(PORT)], "ip3.log")
+    try:
+        topo.wait_until(
+            lambda: topo.run(topo.ns_exec(server, ["ss", "-Hltn", f"sport = :{PORT}"]), check=False).stdout.strip(),
+            10,
+            what="iperf3 server",
+        )
+        extra = ["-u", "-b", "0", "-l", "1400"] if udp else []
+        before = busy_jiffies()
+        out = topo.run(
+            topo.ns_exec(client, ["iperf3", "-c", str(ip), "-p", str(PORT), "-t", str(seconds), "-J", *extra]),
+            timeout=seconds + 30,
+        )
+        cpu = (busy_jiffies() - before) / os.sysconf("SC_CLK_TCK")
+        end = json.loads(out.stdout)["end"]
+        if udp:
+            summary = end["sum"]
+            packets = summary["packets"] - summary["lost_packets"]
+            return {"bps": packets * 1400 * 8 / summary["seconds"], "pps": packets / summary["seconds"]}
+        received = end["sum_received"]
+        packets = received["bytes"] / MSS
+        return {"bps": received["bits_per_second"], "cpu_us": cpu / packets * 1e6}
+    finally:
+        proc.stop(timeout=2)
+
+
+def rtt(ns: str, dst: IPv4Address) -> float:
+    result = topo.ping(ns, dst, count=50, timeout=1, interval=0.01)
+    assert result.ok and result.rtt_avg_ms is not None, result
+    return result.rtt_avg_ms * 1000
+
+
+def measure(backend: str, extra: list[str], seconds: int, rounds: int) -> dict[str, dict[str, float]]:
+    cluster = topo.Cluster(2)
+    try:
+        cluster.build()
+        store = ["--embedded-path", str(cluster.workdir / "store.db")]
+        init = cluster.overlayd_cli(*store, "network", "init", "--network", "10.244.0.0/16", "--backend", backend)
+        assert init.returncode == 0, init.stderr
+        for host in cluster.hosts:
+            host.start_daemon([*store, *extra, "--resync-period", "10", "--log-level", "warning"])
+        envs = [host.wait_ready(30) for host in cluster.hosts]
+        for host, env in zip(cluster.hosts, envs, strict=True):
+            host.attach_container(env)
+        h0, h1 = cluster.hosts
+        c0, c1 = h0.container, h1.container
+        assert c0 is not None and c1 is not None
+        topo.wait_until(lambda: c0.ping(c1.address.ip, count=1).ok, 15, what="overlay up")
+        runs: dict[str, list[dict[str, float]]] = {k: [] for k in ("u_tcp", "o_tcp", "u_udp", "o_udp")}
+        for _ in range(rounds):
+            runs["u_tcp"].append(iperf(cluster, h0.ns, h1.ns, h1.underlay.ip, seconds, udp=False))
+            runs["o_tcp"].append(iperf(cluster, c0.ns, c1.ns, c1.address.ip, seconds, udp=False))
+            runs["u_udp"].append(iperf(cluster, h0.ns, h1.ns, h1.underlay.ip, seconds, udp=True))
+            runs["o_udp"].append(iperf(cluster, c0.ns, c1.ns, c1.address.ip, seconds, udp=True))
+        out = {k: {m: statistics.median(r[m] for r in v) for m in v[0]} for k, v in runs.items()}
+        out["rtt"] = {"under": rtt(h0.ns, h1.underlay.ip), "over": rtt(c0.ns, c1.address.ip)}
+        out["load"] = {"load1": float(open("/proc/loadavg").read().split()[0])}
+        return out
+    finally:
+        cluster.cleanup()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=3)
+    args = parser.parse_args()
+    if os.geteuid() != 0:
+        sys.exit("bench/udp.py needs root (network namespaces)")
+    datapaths = [
+        ("vxlan", "vxlan", []),
+        ("udp plain", "udp", ["--no-udp-offload"]),
+        ("udp offload", "udp", ["--udp-offload"]),
+    ]
+    results = {}
+    for name, backend, extra in datapaths:
+        results[name] = measure(backend, extra, args.seconds, args.rounds)
+        print(f"measured {name} (load {results[name]['load']['load1']:.2f})", flush=True)
+    vx = results["vxlan"]
+    fmt: dict[str, Callable[[float], str]] = {
+        "bps": lambda v: f"{v / 1e9:6.2f} Gbit/s",
+        "pps": lambda v: f"{v / 1e3:7.1f} kpps",
+        "cpu_us": lambda v: f"{v:6.2f} us/pkt",
+    }
+    print(f"\n{args.rounds} rounds of {args.seconds} s, medians; ratios: / bare underlay (same run), / vxlan")
+    for name, r in results.items():
+        print(f"-- {name} (load1 {r['load']['load1']:.2f})")
+        for kind, under, over in (("TCP", "u_tcp", "o_tcp"), ("UDP", "u_udp", "o_udp")):
+            for metric, value in r[over].items():
+                base, ref = r[under][metric], vx[over][metric]
+                print(f"   {kind} {metric:6} {fmt[metric](value)}   underlay {fmt[metric](base)}"
+                      f"   x{value / base:.3f} of underlay   x{value / ref:.2f} of vxlan")  # fmt: skip
+        added = r["rtt"]["over"] - r["rtt"]["under"]
+        print(f"   ping RTT overlay {r['rtt']['over']:.0f} us, underlay {r['rtt']['under']:.0f} us, added {added:.0f} us"
+              f" ({added - (vx['rtt']['over'] - vx['rtt']['under']):+.0f} us vs vxlan's added)")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
