@@ -4,7 +4,7 @@ flannel keeps this backend "for debugging or very old kernels": no kernel tunnel
 TUN device and a UDP socket.  Every host has
 
 * TUN device ``flannel0`` (no packet-info header) with address ``<subnet>.0/32`` and MTU =
-  underlay − 28 (outer IPv4 20 + UDP 8), made persistent so that it, its address and routes
+  underlay - 28 (outer IPv4 20 + UDP 8), made persistent so that it, its address and routes
   survive a forwarder restart;
 * one route, ``<network> dev flannel0``, marked with our route protocol (the per-host subnet on
   cni0 is more specific, so only traffic for other hosts enters the TUN);

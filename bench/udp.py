@@ -38,7 +38,9 @@ def busy_jiffies() -> int:
     return sum(fields) - fields[3] - fields[4]  # all but idle and iowait
 
 
-def iperf(cluster: topo.Cluster, client: str, server: str, ip: IPv4Address, seconds: int, udp: bool) -> dict[str, float]:
+def iperf(
+    cluster: topo.Cluster, client: str, server: str, ip: IPv4Address, seconds: int, udp: bool
+) -> dict[str, float]:
     proc = cluster.start_process(server, ["iperf3", "-s", "-1", "-B", str(ip), "-p", str(PORT)], "ip3.log")
     try:
         topo.wait_until(
@@ -132,8 +134,9 @@ def main() -> None:
                 print(f"   {kind} {metric:6} {fmt[metric](value)}   underlay {fmt[metric](base)}"
                       f"   x{value / base:.3f} of underlay   x{value / ref:.2f} of vxlan")  # fmt: skip
         added = r["rtt"]["over"] - r["rtt"]["under"]
-        print(f"   ping RTT overlay {r['rtt']['over']:.0f} us, underlay {r['rtt']['under']:.0f} us, added {added:.0f} us"
-              f" ({added - (vx['rtt']['over'] - vx['rtt']['under']):+.0f} us vs vxlan's added)")  # fmt: skip
+        vx_added = vx["rtt"]["over"] - vx["rtt"]["under"]
+        print(f"   ping RTT overlay {r['rtt']['over']:.0f} us, underlay {r['rtt']['under']:.0f} us,"
+              f" added {added:.0f} us ({added - vx_added:+.0f} us vs vxlan's added)")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -131,7 +131,8 @@ def icmp_error(packet: bytes | bytearray | memoryview, kind: int, code: int, sou
         return None
     body = bytearray(struct.pack("!BBHI", kind, code, 0, 0)) + bytes(packet[: ihl + 8])
     struct.pack_into("!H", body, 2, checksum(body))
-    header = bytearray(struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(body), 0, 0, 64, 1, 0, source, bytes(packet[12:16])))
+    destination = bytes(packet[12:16])
+    header = bytearray(struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(body), 0, 0, 64, 1, 0, source, destination))
     struct.pack_into("!H", header, 10, checksum(header))
     return bytes(header + body)
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import struct
 import subprocess
 import sys
@@ -227,7 +226,7 @@ class Lab:
         return out.returncode == 0
 
     def close(self) -> None:
-        for i, network in self.networks.items():
+        for network in self.networks.values():
             if network.forwarder is not None:
                 network.forwarder.stop()
 
@@ -272,7 +271,8 @@ def test_two_hosts_reach_each_other_and_the_kernel_holds_what_we_said(lab, offlo
     assert [(r["dst"], r["dev"]) for r in routes] == [("10.44.0.0/16", "flannel0")]
     assert lab.ping(0, "10.44.2.1") and lab.ping(1, "10.44.1.1")
     # bulk TCP-sized traffic through both paths: large pings are fragmented/reassembled fine
-    assert run(lab.hosts[0], "ping", "-c", "3", "-s", "4000", "-I", "10.44.1.1", "10.44.2.1", check=False).returncode == 0
+    big = run(lab.hosts[0], "ping", "-c", "3", "-s", "4000", "-I", "10.44.1.1", "10.44.2.1", check=False)
+    assert big.returncode == 0, big.stdout
     counters = call_in_netns(lab.hosts[0], a.counters)
     assert counters.tx_packets >= 5 and counters.rx_packets >= 5 and counters.tx_bytes > 0
     assert call_in_netns(lab.hosts[1], b.counters).rx_spoofed == 0

@@ -62,7 +62,8 @@ def test_udp_mesh_over_etcd_and_a_killed_forwarder_comes_back(make_cluster, figu
         assert env.mtu == 1472  # underlay 1500 - 28
         host.attach_container(env)
     topo.wait_until(lambda: all(r.ok for r in cluster.ping_matrix(count=1, timeout=1).values()), 30, what="udp mesh")
-    figures.add(f"udp backend, etcd store, 3 hosts: first daemon start to full mesh in {time.monotonic() - start:.2f} s")
+    took = time.monotonic() - start
+    figures.add(f"udp backend, etcd store, 3 hosts: first daemon start to full mesh in {took:.2f} s")
     assert_full_mesh(cluster)
 
     h0 = cluster.hosts[0]
@@ -76,7 +77,7 @@ def test_udp_mesh_over_etcd_and_a_killed_forwarder_comes_back(make_cluster, figu
     killed = time.monotonic()
     c0, c1 = h0.container, cluster.hosts[1].container
     assert c0 is not None and c1 is not None
-    topo.wait_until(lambda: c0.ping(c1.address.ip, count=1).ok, RESYNC * 5, what="traffic after the forwarder was killed")
+    topo.wait_until(lambda: c0.ping(c1.address.ip, count=1).ok, RESYNC * 5, what="traffic after the kill")
     figures.add(f"udp forwarder killed: traffic back in {time.monotonic() - killed:.2f} s (resync {RESYNC:g} s)")
     new = forwarder_pid(h0)
     assert new is not None and new != old
