@@ -144,7 +144,7 @@ def finish_checksum(packet: bytearray | memoryview, start: int, offset: int) -> 
     struct.pack_into("!H", packet, at, checksum(packet[start:]))
 
 
-def segment_tcp(packet: memoryview, mss: int) -> tuple[int, list[bytes | memoryview]]:
+def segment_tcp(packet: memoryview, mss: int) -> tuple[int, list[bytes | bytearray | memoryview]]:
     """Cut a TSO super-segment (IPv4 + TCP, any length) into packets of at most *mss* payload
     bytes, as the kernel's ``tcp_gso_segment`` would: returns the full size of every packet
     but the last, and the pieces (header, payload, header, payload, ...) to send.
@@ -170,7 +170,7 @@ def segment_tcp(packet: memoryview, mss: int) -> tuple[int, list[bytes | memoryv
     ip_base = int.from_bytes(template[:ihl], "big")
     tcp_base = int.from_bytes(template[ihl:], "big") + int.from_bytes(template[12:20], "big") + 6 + thl
     pack = struct.pack_into
-    pieces: list[bytes | memoryview] = []
+    pieces: list[bytes | bytearray | memoryview] = []
     for index, offset in enumerate(range(0, size, mss)):
         chunk = payload[offset : offset + mss]
         length = len(chunk)
@@ -208,7 +208,7 @@ def _tcp_key(packet: memoryview) -> bytes | None:
     return head[:12] + head[16:21] + head[22:24] + head[26:]  # all but the sequence number, flags and checksum
 
 
-def coalesce_tcp(packets: Sequence[memoryview]) -> list[tuple[bytes, list[bytes | memoryview]]]:
+def coalesce_tcp(packets: Sequence[memoryview]) -> list[tuple[bytes, list[bytes | bytearray | memoryview]]]:
     """Merge runs of consecutive segments of one TCP flow into GSO super-segments for the TUN.
 
     Returns ``(virtio_net_hdr, pieces)`` per write: a run of two or more becomes one IPv4/TCP
@@ -216,7 +216,7 @@ def coalesce_tcp(packets: Sequence[memoryview]) -> list[tuple[bytes, list[bytes 
     size and a partial checksum (the kernel finishes or segments it, like a packet GRO made);
     anything else is written as it came, with an empty header.  A run ends at a gap in sequence
     numbers, a short segment, a PSH, or a header that differs."""
-    out: list[tuple[bytes, list[bytes | memoryview]]] = []
+    out: list[tuple[bytes, list[bytes | bytearray | memoryview]]] = []
     run: list[memoryview] = []
     run_key: bytes | None = None
     mss = next_seq = 0
@@ -512,7 +512,7 @@ class Forwarder:
                 for packet in batch:
                     self._to_tun(packet)
 
-    def _writev(self, pieces: Sequence[bytes | memoryview]) -> None:
+    def _writev(self, pieces: Sequence[bytes | bytearray | memoryview]) -> None:
         try:
             os.writev(self.tun_fd, pieces)
         except OSError as exc:
