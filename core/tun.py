@@ -41,6 +41,7 @@ VNET_HDR_LEN = VNET_HDR.size
 VIRTIO_NET_HDR_F_NEEDS_CSUM = 1
 VIRTIO_NET_HDR_GSO_NONE = 0
 VIRTIO_NET_HDR_GSO_TCPV4 = 1
+VIRTIO_NET_HDR_GSO_ECN = 0x80  # the segment carries ECN (CWR goes on the first packet only)
 
 
 def _ifreq(name: str, flags: int) -> bytes:

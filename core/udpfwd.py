@@ -429,8 +429,11 @@ class Forwarder:
                 addr = self.addrs[peer] = (peer, self.port)
             if vnet:
                 flags, gso_type, _, gso_size, csum_start, csum_offset = tun.VNET_HDR.unpack_from(buf)
-                if gso_type == tun.VIRTIO_NET_HDR_GSO_TCPV4 and gso_size:
-                    self._send_segments(packet, gso_size, addr)
+                if gso_type:
+                    if gso_type & ~tun.VIRTIO_NET_HDR_GSO_ECN == tun.VIRTIO_NET_HDR_GSO_TCPV4 and gso_size:
+                        self._send_segments(packet, gso_size, addr)
+                    else:
+                        counters["tx_drops"] += 1  # never asked for (no UFO/USO/TSO6 offered)
                     continue
                 if flags & tun.VIRTIO_NET_HDR_F_NEEDS_CSUM:
                     finish_checksum(packet, csum_start, csum_offset)
