@@ -84,22 +84,15 @@ def _words(data: bytes | bytearray | memoryview) -> int:
     return value << 8 if len(data) & 1 else value
 
 
-_MASKS: dict[int, int] = {}
+def payload_sum(data: bytes | bytearray | memoryview) -> int:
+    """The one's-complement sum of *data* read as little-endian words, modulo 0xFFFF (RFC 1071's
+    sum is byte-order independent: the big-endian sum is this one times 256).
 
-
-def fold(value: int, bits: int) -> int:
-    """*value* (at most *bits* long) modulo 0xFFFF, by halving: ``hi * 2**(16k) + lo`` is congruent
-    to ``hi + lo`` because 0xFFFF divides ``2**(16k) - 1``.  Shifts, masks and adds run near
-    memory speed in CPython; a modulo of a long integer by a small one divides digit by digit,
-    about twice as slow on a 1.4 KB payload."""
-    while bits > 256:
-        half = ((bits >> 1) + 15) & ~15
-        mask = _MASKS.get(half)
-        if mask is None:
-            mask = _MASKS[half] = (1 << half) - 1
-        value = (value >> half) + (value & mask)
-        bits = half + 1
-    return value % 0xFFFF
+    Two ``int.from_bytes`` of the halves (split at an even offset, so both stay word-aligned)
+    and one modulo of the half-size sum: about twice as fast as one modulo of the whole, since a
+    long integer divides digit by digit while conversion and addition run near memory speed."""
+    half = (len(data) >> 2) << 1
+    return (int.from_bytes(data[:half], "little") + int.from_bytes(data[half:], "little")) % 0xFFFF
 
 
 def checksum(data: bytes | bytearray | memoryview, initial: int = 0) -> int:
@@ -151,8 +144,7 @@ def segment_tcp(packet: memoryview, mss: int) -> tuple[int, list[bytes | bytearr
 
     The header fields that vary per segment (IP length and ID, TCP sequence number and flags)
     are zeroed in a template summed once; each segment adds its own values to that sum, so
-    only the payload is read per segment (one ``int.from_bytes`` and one modulo: little-endian
-    is cheaper, and its sum is the big-endian one times 256, modulo 0xFFFF)."""
+    only the payload is read per segment (:func:`payload_sum`)."""
     ihl = (packet[0] & 0x0F) * 4
     thl = (packet[ihl + 12] >> 4) * 4
     hl = ihl + thl
@@ -182,7 +174,7 @@ def segment_tcp(packet: memoryview, mss: int) -> tuple[int, list[bytes | bytearr
         if index:
             own &= ~TCP_CWR
         number = (seq + offset) & 0xFFFFFFFF
-        data = fold(int.from_bytes(chunk, "little"), length * 8) << 8
+        data = payload_sum(chunk) << 8
         header = template[:]
         pack("!HH", header, 2, total, ident)
         pack("!H", header, 10, 0xFFFF - (ip_base + total + ident) % 0xFFFF)
@@ -463,7 +455,7 @@ class Forwarder:
                 self.gso = False
             else:
                 counters["tx_packets"] += count
-                counters["tx_bytes"] += sum(len(p) for p in pieces)
+                counters["tx_bytes"] += sum(map(len, pieces))
                 return
         for index in range(0, len(pieces), 2):
             try:
@@ -494,20 +486,30 @@ class Forwarder:
                 if level == SOL_UDP and kind == UDP_GRO:
                     step = struct.unpack("=i", data[:4])[0] or size
             nets = self.table.subnets_of(sender[0])
+            if nets is None:  # not a peer: nothing it sends is delivered
+                dropped = len(range(0, size, step))
+                counters["rx_drops"] += dropped
+                counters["rx_spoofed"] += dropped
+                continue
+            (net, mask), more = nets[0], len(nets) > 1
             batch = []
+            spoofed = 0
+            received = view[:size]
             for offset in range(0, size, step):
-                packet = view[offset : min(offset + step, size)]
+                packet = received[offset : offset + step]
                 if len(packet) < 20 or packet[0] >> 4 != 4:
                     counters["rx_drops"] += 1
                     continue
                 source = int.from_bytes(packet[12:16], "big")
-                if nets is None or not any(source & mask == net for net, mask in nets):
-                    counters["rx_drops"] += 1
-                    counters["rx_spoofed"] += 1
+                if source & mask != net and not (more and any(source & m == n for n, m in nets)):
+                    spoofed += 1
                     continue
                 batch.append(packet)
-                counters["rx_bytes"] += len(packet)
+            if spoofed:
+                counters["rx_drops"] += spoofed
+                counters["rx_spoofed"] += spoofed
             counters["rx_packets"] += len(batch)
+            counters["rx_bytes"] += sum(map(len, batch))
             if self.vnet and len(batch) > 1:
                 for header, pieces in coalesce_tcp(batch):
                     self._writev((header, *pieces))
