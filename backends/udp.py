@@ -126,6 +126,8 @@ class UdpNetwork(RouteNetwork):
         self.created = created
         self.lease: Lease | None = None
         self.forwarder: ForwarderProcess | None = None
+        #: The UDP port peers send to (the firewall's overlay-port allow-list lets it in).
+        self.overlay_port: int | None = port
 
     @property
     def device(self) -> str:
@@ -134,11 +136,6 @@ class UdpNetwork(RouteNetwork):
     @property
     def mtu(self) -> int:
         return self._mtu
-
-    @property
-    def overlay_port(self) -> int:
-        """The UDP port peers send to (the firewall lets it in)."""
-        return self.port
 
     @property
     def backend_data(self) -> Mapping[str, Any]:
