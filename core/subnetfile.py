@@ -252,3 +252,35 @@ def load_subnet_file(path: str) -> SubnetFile | None:
     if len(data) > MAX_BYTES:
         raise UserError(f"{path} is longer than any subnet file ({MAX_BYTES} bytes)")
     return parse_subnet_file(data, path)
+
+
+def docker_options(subnet: SubnetFile) -> list[str]:
+    """dockerd flags for this host's lease (what flannel's ``mk-docker-opts.sh`` prints).
+
+    ``--bip`` is the bridge's address (the subnet's first host) and prefix; ``--ip-masq=false``
+    when the daemon already masquerades, so traffic is not masqueraded twice.
+    """
+    if subnet.subnet is None:
+        raise UserError("the subnet file has no IPv4 subnet (FLANNEL_SUBNET); dockerd's --bip needs one")
+    opts = [f"--bip={subnet.subnet.network_address + 1}/{subnet.subnet.prefixlen}", f"--mtu={subnet.mtu}"]
+    if subnet.ip_masq:
+        opts.append("--ip-masq=false")
+    if subnet.ipv6_subnet is not None:
+        opts += ["--ipv6", f"--fixed-cidr-v6={subnet.ipv6_subnet}"]
+    return opts
+
+
+def docker_env_file(opts: list[str]) -> str:
+    """*opts* as an environment file for a dockerd unit (``EnvironmentFile=``): the combined
+    ``DOCKER_OPTS`` and ``DOCKER_NETWORK_OPTIONS``, and one ``DOCKER_OPT_*`` per option."""
+    names = {
+        "--bip": "BIP",
+        "--mtu": "MTU",
+        "--ip-masq": "IPMASQ",
+        "--ipv6": "IPV6",
+        "--fixed-cidr-v6": "FIXED_CIDR_V6",
+    }
+    lines = [f'DOCKER_OPT_{names[opt.split("=", 1)[0]]}="{opt}"' for opt in opts]
+    joined = " ".join(opts)
+    lines += [f'DOCKER_OPTS="{joined}"', f'DOCKER_NETWORK_OPTIONS="{joined}"']
+    return "\n".join(lines) + "\n"
