@@ -329,12 +329,13 @@ def delegate_config(conf: PluginConfig, subnet: SubnetFile, cni_version: str) ->
     """
     ranges: list[list[dict[str, str]]] = []
     routes: list[dict[str, str]] = []
-    if subnet.subnet is not None and subnet.network is not None:
-        ranges.append([{"subnet": str(subnet.subnet)}])
-        routes.append({"dst": str(subnet.network)})
-    if subnet.ipv6_subnet is not None and subnet.ipv6_network is not None:
-        ranges.append([{"subnet": str(subnet.ipv6_subnet)}])
-        routes.append({"dst": str(subnet.ipv6_network)})
+    # The route names its gateway (host-local's default one, the subnet's first address): the
+    # bridge plugin's CHECK compares the result's routes with the kernel's literally, and a route
+    # without "gw" never matches the "via" route it installs (plugins 1.1.1).
+    for pool, whole in ((subnet.subnet, subnet.network), (subnet.ipv6_subnet, subnet.ipv6_network)):
+        if pool is not None and whole is not None:
+            ranges.append([{"subnet": str(pool)}])
+            routes.append({"dst": str(whole), "gw": str(pool.network_address + 1)})
     base: dict[str, Any] = {
         "type": "bridge",
         "mtu": subnet.mtu,

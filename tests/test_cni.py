@@ -98,7 +98,11 @@ def test_delegate_config_is_flannels_bridge_with_host_local() -> None:
         "isGateway": True,
         "mtu": 1450,
         "ipMasq": False,  # the daemon masquerades (FLANNEL_IPMASQ=true): the bridge must not
-        "ipam": {"type": "host-local", "ranges": [[{"subnet": "10.244.3.0/24"}]], "routes": [{"dst": "10.244.0.0/16"}]},
+        "ipam": {
+            "type": "host-local",
+            "ranges": [[{"subnet": "10.244.3.0/24"}]],
+            "routes": [{"dst": "10.244.0.0/16", "gw": "10.244.3.1"}],
+        },
     }
 
 
@@ -110,7 +114,10 @@ def test_bridge_masquerades_when_the_daemon_does_not() -> None:
 def test_dual_stack_gets_a_range_and_a_route_per_family() -> None:
     ipam = cni.delegate_config(conf(), parse_subnet_file(DUAL_ENV), "0.4.0")["ipam"]
     assert ipam["ranges"] == [[{"subnet": "10.244.3.0/24"}], [{"subnet": "fd00:10:0:3::/64"}]]
-    assert ipam["routes"] == [{"dst": "10.244.0.0/16"}, {"dst": "fd00:10::/56"}]
+    assert ipam["routes"] == [
+        {"dst": "10.244.0.0/16", "gw": "10.244.3.1"},
+        {"dst": "fd00:10::/56", "gw": "fd00:10:0:3::1"},
+    ]
 
 
 def test_delegate_is_merged_key_by_key_but_name_and_version_are_the_runtimes() -> None:
