@@ -700,3 +700,7 @@ def main(argv: list[str] | None = None) -> None:
     if result is not None:
         print(json.dumps(result))
     sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()

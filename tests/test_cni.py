@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -362,3 +363,61 @@ def test_subnet_file_shape_matches_the_daemons_writer() -> None:
         ip_masq=False,
     ).render()
     assert cni.delegate_config(conf(), parse_subnet_file(written), "1.0.0")["mtu"] == 1400
+
+
+# -- the examples -------------------------------------------------------------------------------
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def daemonset_and_config() -> tuple[dict[str, Any], dict[str, Any]]:
+    import yaml
+
+    docs = [d for d in yaml.safe_load_all((ROOT / "examples" / "kubernetes" / "overlayd.yaml").read_text()) if d]
+    [daemonset] = [d for d in docs if d["kind"] == "DaemonSet"]
+    [configmap] = [d for d in docs if d["kind"] == "ConfigMap"]
+    return daemonset, configmap
+
+
+def test_the_manifests_conflist_is_the_example() -> None:
+    """tests/test_cni_kernel.py runs examples/cni/10-overlayd.conflist with the real plugins; the
+    DaemonSet installs the same document."""
+    daemonset, configmap = daemonset_and_config()
+    example = json.loads((ROOT / "examples" / "cni" / "10-overlayd.conflist").read_text())
+    assert json.loads(configmap["data"]["10-overlayd.conflist"]) == example
+    [install] = [c for c in daemonset["spec"]["template"]["spec"]["initContainers"] if c["name"] == "install-cni"]
+    assert install["command"][-1] == "/etc/cni/net.d/10-overlayd.conflist"
+
+
+def test_the_init_containers_install_script_installs_a_working_plugin(tmp_path: Path) -> None:
+    """The install-cni-plugin script, run against a stand-in image root and host paths under
+    tmp_path (twice: an upgrade), leaves one runtime and a shim that answers VERSION."""
+    daemonset, _ = daemonset_and_config()
+    [install] = [
+        c for c in daemonset["spec"]["template"]["spec"]["initContainers"] if c["name"] == "install-cni-plugin"
+    ]
+    script = install["command"][-1]
+    image = tmp_path / "image"
+    (image / "bin").mkdir(parents=True)
+    (image / "lib").mkdir()
+    (image / "bin" / "python3").write_text(f'#!/bin/sh\nexec {sys.executable} "$@"\n')
+    (image / "bin" / "python3").chmod(0o755)
+    (tmp_path / "opt" / "overlayd").mkdir(parents=True)
+    (tmp_path / "cni-bin").mkdir()
+    paths = {
+        "/host/opt/overlayd": f"{tmp_path}/opt/overlayd",
+        "/opt/overlayd/current": f"{tmp_path}/opt/overlayd/current",
+        "/host/opt/cni/bin": f"{tmp_path}/cni-bin",
+        "/usr/local": str(image),
+    }
+    script = re.sub("|".join(map(re.escape, paths)), lambda m: paths[m.group(0)], script)
+    for _ in range(2):
+        subprocess.run(["/bin/sh", "-c", script], check=True, timeout=60)
+    runtimes = sorted(p.name for p in (tmp_path / "opt" / "overlayd").iterdir())
+    assert len(runtimes) == 2 and runtimes[0] == "current" and runtimes[1].startswith("runtime-"), runtimes
+    shim = tmp_path / "cni-bin" / "overlayd-cni"
+    proc = subprocess.run(
+        [str(shim)], input='{"cniVersion": "1.0.0"}', env={"CNI_COMMAND": "VERSION"}, capture_output=True, text=True
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["supportedVersions"][-1] == "1.1.0"
