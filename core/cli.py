@@ -54,6 +54,7 @@ from .errors import OverlaydError, UserError
 from .model import Lease
 from .peers import public_ip_problem
 from .plugin import Backend, Plugin, Store
+from .subnetfile import docker_env_file, docker_options, load_subnet_file, write_subnet_file
 
 log = logging.getLogger(__name__)
 
@@ -179,7 +180,7 @@ def _cidr(ctx: click.Context, param: click.Parameter, value: str | None) -> IPv4
 
 
 #: Commands that need no plugin flag: they run without importing any plugin.
-LIGHT_COMMANDS = frozenset({"status", "demo"})
+LIGHT_COMMANDS = frozenset({"status", "demo", "docker-opts"})
 
 CORE_OPTIONS = cloup.OptionGroup("Core options")
 
@@ -596,6 +597,35 @@ def _probe(url: str) -> str:
             return str(response.read().decode().strip())
     except urllib.error.HTTPError as exc:
         return f"no: {exc.read().decode().strip()}"
+
+
+@cli.command("docker-opts")
+@click.option(
+    "-d",
+    "--dest",
+    type=click.Path(dir_okay=False),
+    help="Write DOCKER_OPTS=/DOCKER_NETWORK_OPTIONS= env-file lines to this file instead of printing the flags.",
+)
+def docker_opts(dest: str | None) -> None:
+    """Docker daemon options (--bip, --mtu, --ip-masq) from the subnet file, like mk-docker-opts.sh."""
+    path = _params()["subnet_file"]
+    try:
+        subnet = load_subnet_file(path)
+    except UserError as exc:
+        raise UserError(f"--subnet-file {exc}") from exc
+    if subnet is None:
+        raise OverlaydError(
+            f"overlayd has no lease yet: {path} does not exist; is the overlayd daemon running on this host? "
+            "Check it with 'overlayd status' (or pass the daemon's --subnet-file)"
+        )
+    opts = docker_options(subnet)
+    if dest is None:
+        click.echo(" ".join(opts))
+        return
+    try:
+        write_subnet_file(dest, docker_env_file(opts))
+    except OSError as exc:
+        raise UserError(f"-d {dest}: cannot write it ({exc.strerror})") from exc
 
 
 # -- plugins -----------------------------------------------------------------------------------
