@@ -60,6 +60,9 @@ from typing import Any
 from urllib.parse import quote
 
 import attrs
+import urllib3
+from kubernetes import client as kube_client
+from kubernetes import config as kube_config
 from overlayd.sdk import (
     ConfigError,
     DecodeError,
@@ -87,10 +90,6 @@ from overlayd.sdk import (
     to_bool,
 )
 
-import urllib3
-from kubernetes import client as kube_client
-from kubernetes import config as kube_config
-
 log = logging.getLogger(__name__)
 
 #: Deadline of every ordinary request.
@@ -110,9 +109,7 @@ ACQUIRE_POLL = 5.0
 #: resourceVersion tokens remembered (an older token re-lists).
 TOKENS = 4096
 
-NOT_ASSIGNED = (
-    "pod CIDR not assigned to node {node} yet; is the controller manager running with --allocate-node-cidrs?"
-)
+NOT_ASSIGNED = "pod CIDR not assigned to node {node} yet; is the controller manager running with --allocate-node-cidrs?"
 
 
 @attrs.frozen
@@ -311,9 +308,9 @@ class KubernetesStore(Store):
             if path:
                 if not Path(path).is_file():
                     raise UserError(f"kubeconfig {path} does not exist; fix --kubernetes-kubeconfig")
-                kube_config.load_kube_config(config_file=path, client_configuration=cfg)
+                kube_config.load_kube_config(config_file=path, client_configuration=cfg)  # type: ignore[no-untyped-call]
             elif os.environ.get("KUBERNETES_SERVICE_HOST"):
-                kube_config.load_incluster_config(client_configuration=cfg)
+                kube_config.load_incluster_config(client_configuration=cfg)  # type: ignore[no-untyped-call]
             else:
                 default = Path(os.environ.get("KUBECONFIG") or Path.home() / ".kube" / "config")
                 if not default.is_file():
@@ -321,7 +318,7 @@ class KubernetesStore(Store):
                         "not running in a cluster and there is no kubeconfig at "
                         f"{default}; pass --kubernetes-kubeconfig FILE"
                     )
-                kube_config.load_kube_config(config_file=str(default), client_configuration=cfg)
+                kube_config.load_kube_config(config_file=str(default), client_configuration=cfg)  # type: ignore[no-untyped-call]
         except kube_config.ConfigException as exc:
             raise UserError(f"cannot use the kubeconfig: {exc}; fix --kubernetes-kubeconfig") from exc
         cfg.retries = 1
@@ -348,7 +345,9 @@ class KubernetesStore(Store):
                 body=body,
                 auth_settings=["BearerToken"],
             )
-            answer = api.rest_client.request(method, url, headers=headers, body=body, _request_timeout=timeout)
+            answer = api.rest_client.request(  # type: ignore[no-untyped-call]
+                method, url, headers=headers, body=body, _request_timeout=timeout
+            )
         except urllib3.exceptions.HTTPError as exc:
             raise StoreUnavailable(f"kubernetes API at {api.configuration.host} is unreachable: {exc}") from exc
         except kube_client.ApiException as exc:  # TLS failures come as status 0
@@ -465,7 +464,10 @@ class KubernetesStore(Store):
         for _ in range(PATCH_ATTEMPTS):
             try:
                 response = self._request(
-                    "PATCH", self._node_path(name, status), body=body, content_type="application/strategic-merge-patch+json"
+                    "PATCH",
+                    self._node_path(name, status),
+                    body=body,
+                    content_type="application/strategic-merge-patch+json",
                 )
                 if response.status == 404:
                     response.raw.release_conn()
@@ -562,9 +564,9 @@ class KubernetesStore(Store):
         kind = doc.get("type") if isinstance(doc, dict) else None
         obj = doc.get("object") if isinstance(doc, dict) else None
         if kind == "ERROR":
-            code = obj.get("code") if isinstance(obj, dict) else None
-            if code == 410:
-                raise HistoryGone(f"resourceVersion {version} is too old ({obj.get('message', 'gone')})")
+            status = obj if isinstance(obj, dict) else {}
+            if status.get("code") == 410:
+                raise HistoryGone(f"resourceVersion {version} is too old ({status.get('message', 'gone')})")
             raise StoreUnavailable(f"kubernetes API: the Node watch failed: {str(obj)[:300]}")
         meta = obj.get("metadata") if isinstance(obj, dict) else None
         new_version = str(meta.get("resourceVersion") or version) if isinstance(meta, dict) else version
@@ -606,7 +608,9 @@ class KubernetesStore(Store):
         """
         name = self.node_name
         if not name:
-            raise UserError("the kubernetes store needs this host's Node name: pass --kubernetes-node-name or set NODE_NAME")
+            raise UserError(
+                "the kubernetes store needs this host's Node name: pass --kubernetes-node-name or set NODE_NAME"
+            )
         deadline = time.monotonic() + ACQUIRE_POLL
         while True:
             node = self._get_node(name)
@@ -668,7 +672,9 @@ class KubernetesStore(Store):
                 try:
                     v6 = IPv6Address(text)
                 except ValueError as exc:
-                    raise ConfigError(f"Node {node.name}: annotation {self._prefix}/{note} {text!r} is not IPv6") from exc
+                    raise ConfigError(
+                        f"Node {node.name}: annotation {self._prefix}/{note} {text!r} is not IPv6"
+                    ) from exc
                 return attrs_evolve(attrs, public_ipv6=v6)
         return attrs
 
@@ -686,7 +692,12 @@ class KubernetesStore(Store):
         return result
 
     def renew_lease(self, lease: Lease) -> Lease:
-        """A no-op: pod CIDRs do not expire."""
+        """Writes nothing (pod CIDRs do not expire); ``LeaseLost`` when *lease* is no longer our
+        Node's pod CIDR."""
+        name = self.node_name
+        node = self._get_node(name) if name else None
+        if node is None or not node.cidrs or subnet_to_key(node.v4 or node.cidrs[0]) != lease.key:
+            raise LeaseLost(f"lease {lease.key} is no longer the pod CIDR of Node {name or '?'}")
         return lease
 
     def release_lease(self, lease: Lease) -> None:
@@ -727,7 +738,9 @@ class KubernetesStore(Store):
             "lastHeartbeatTime": now,
         }
         try:
-            self._patch(self.node_name, {"status": {"conditions": [condition]}}, status=True, what="setting NetworkUnavailable")
+            self._patch(
+                self.node_name, {"status": {"conditions": [condition]}}, status=True, what="setting NetworkUnavailable"
+            )
             self._ready_pending = None
             log.info("Node %s: NetworkUnavailable=False (FlannelIsUp)", self.node_name)
         except (StoreUnavailable, LeaseLost, UserError) as exc:
@@ -741,7 +754,7 @@ class KubernetesStore(Store):
 
     def close(self) -> None:
         if self._api is not None:
-            self._api.close()
+            self._api.close()  # type: ignore[no-untyped-call]
             self._api = None
 
 

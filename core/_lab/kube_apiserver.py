@@ -299,7 +299,7 @@ class NodeState:
         self.version += 1
         node["metadata"]["resourceVersion"] = str(self.version)
 
-    def list(self) -> dict[str, Any]:
+    def list_nodes(self) -> dict[str, Any]:
         with self.cond:
             items = [copy.deepcopy(self.nodes[name]) for name in sorted(self.nodes)]
             return {
@@ -355,7 +355,9 @@ class NodeState:
             elif content_type == "application/json-patch+json":
                 new = json_patch(old, body)
             else:
-                raise ApiError(415, "UnsupportedMediaType", f"the body of the request was in an unknown format: {content_type}")
+                raise ApiError(
+                    415, "UnsupportedMediaType", f"the body of the request was in an unknown format: {content_type}"
+                )
             if not isinstance(new, dict) or not isinstance(new.get("metadata"), dict):
                 raise ApiError(422, "Invalid", "the patched object is not a Node")
             wanted = new["metadata"].get("resourceVersion")
@@ -429,7 +431,7 @@ class _Handler(BaseHTTPRequestHandler):
                 if method == "GET" and query.get("watch") in ("1", "true"):
                     return self._watch(query)
                 if method == "GET":
-                    return self._send(200, state.list())
+                    return self._send(200, state.list_nodes())
                 if method == "POST":
                     return self._send(201, state.create(self._body()))
                 raise ApiError(405, "MethodNotAllowed", f"{method} is not supported on nodes")
@@ -480,7 +482,12 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Transfer-Encoding", "chunked")
         self.end_headers()
         deadline = threading.Event()
-        timer = threading.Timer(timeout, lambda: (deadline.set(), _notify(state)))
+
+        def expire() -> None:
+            deadline.set()
+            _notify(state)
+
+        timer = threading.Timer(timeout, expire)
         timer.daemon = True
         timer.start()
         try:
@@ -546,7 +553,8 @@ class FakeApiServer:
     @property
     def url(self) -> str:
         host, port = self.httpd.server_address[:2]
-        return f"http://{host}:{port}"
+        name = host.decode() if isinstance(host, bytes) else host
+        return f"http://{name}:{port}"
 
     def start(self) -> FakeApiServer:
         self._thread = threading.Thread(target=self.httpd.serve_forever, name="fake-apiserver", daemon=True)
