@@ -250,16 +250,24 @@ class _Response:
         self.status, self.raw = status, raw
 
     def body(self, limit: int) -> Any:
+        data = b""
         try:
             data = self.raw.read(limit + 1)
         except urllib3.exceptions.HTTPError as exc:
             raise StoreUnavailable(f"kubernetes API: reading the answer failed: {exc}") from exc
         finally:
+            if len(data) > limit or not data:
+                self.raw.close()  # not read to the end: never reuse the connection
             self.raw.release_conn()
         try:
             return load_json(data, what="kubernetes API answer", max_bytes=limit, max_depth=MAX_DEPTH)
         except DecodeError as exc:
             raise StoreCorrupted(f"kubernetes API: {exc}") from exc
+
+    def discard(self) -> None:
+        """Drop an answer without reading it: the connection is closed, never reused half-read."""
+        self.raw.close()
+        self.raw.release_conn()
 
     def message(self) -> str:
         try:
@@ -444,7 +452,7 @@ class KubernetesStore(Store):
     def _get_node(self, name: str) -> _Node | None:
         response = self._request("GET", self._node_path(name))
         if response.status == 404:
-            response.raw.release_conn()
+            response.discard()
             return None
         try:
             return parse_node(self._checked(response, f"reading Node {name}"))
@@ -470,7 +478,7 @@ class KubernetesStore(Store):
                     content_type="application/strategic-merge-patch+json",
                 )
                 if response.status == 404:
-                    response.raw.release_conn()
+                    response.discard()
                     raise LeaseLost(f"Node {name} no longer exists")
                 if response.status < 300:
                     return response.body(MAX_EVENT_BYTES)
@@ -521,7 +529,7 @@ class KubernetesStore(Store):
         ]
         response = self._request("GET", "/api/v1/nodes", query, timeout=(REQUEST_TIMEOUT, wait))
         if response.status == 410:
-            response.raw.release_conn()
+            response.discard()
             raise HistoryGone(f"resourceVersion {version} is too old")
         if response.status >= 300:
             raise StoreUnavailable(f"kubernetes API: watching Nodes failed ({response.message()})")
@@ -537,7 +545,7 @@ class KubernetesStore(Store):
             if not events:
                 raise StoreUnavailable(f"kubernetes API: the Node watch broke: {exc}") from exc
         finally:
-            response.raw.release_conn()
+            response.discard()
         return WatchResult(tuple(events), self._token(version))
 
     @staticmethod

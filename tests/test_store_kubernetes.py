@@ -491,3 +491,33 @@ def test_cli_network_init_on_a_read_only_config_map_says_where_the_config_lives(
             store.put_config('{"Network": "10.245.0.0/16"}')
     finally:
         mount.chmod(0o700)
+
+
+def test_garbled_nodes_are_skipped_on_the_watch_path(store: Store, server: FakeApiServer) -> None:
+    stop = threading.Event()
+    events = store.watch_leases(stop, poll=0.2)
+    assert isinstance(next_event(events), LeaseList)
+    deep = {**flannel_annotations("192.0.2.3", "x"), f"{PREFIX}/backend-data": "[" * 1100 + "]" * 1100}
+    server.state.create(node("deep", "10.244.3.0/24", deep))
+    huge = {**flannel_annotations("192.0.2.4", "x"), f"{PREFIX}/backend-data": '{"X": "' + "a" * 80_000 + '"}'}
+    server.state.create(node("huge", "10.244.4.0/24", huge))
+    server.state.create(node("good", "10.244.2.0/24", flannel_annotations("192.0.2.2", "aa:bb:cc:dd:ee:02")))
+    event = next_event(events)
+    assert isinstance(event, LeaseEvent) and event.subnet == IPv4Network("10.244.2.0/24")
+    assert store.garbled_skipped == 2
+    stop.set()
+
+
+def test_watch_lines_bookmark_error_and_garbage(store: Store, caplog: pytest.LogCaptureFixture) -> None:
+    events: list[LeaseEvent] = []
+    watch_event = store._watch_event  # type: ignore[attr-defined]
+    bookmark = b'{"type":"BOOKMARK","object":{"kind":"Node","metadata":{"resourceVersion":"77"}}}'
+    assert watch_event(bookmark, "5", events) == "77" and events == []
+    caplog.set_level(logging.WARNING)
+    assert watch_event(b"{not json", "77", events) == "77" and events == []
+    assert any("garbled" in r.getMessage() for r in caplog.records)
+    gone = b'{"type":"ERROR","object":{"kind":"Status","code":410,"reason":"Expired","message":"too old"}}'
+    with pytest.raises(HistoryGone, match="too old"):
+        watch_event(gone, "77", events)
+    with pytest.raises(StoreUnavailable):
+        watch_event(b'{"type":"ERROR","object":{"kind":"Status","code":500}}', "77", events)
