@@ -264,6 +264,7 @@ class Daemon:
             self.network.activate(lease)
             self._subnet_file_text = None  # whatever is there now was for another subnet
             self._keep_subnet_file()
+            self.store.mark_ready(lease)
 
     def _desired_subnet_file(self) -> str:
         assert self.config and self.network and self.lease

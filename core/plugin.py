@@ -407,6 +407,13 @@ class Store(Plugin):
         longer holds history that old, and ``StoreUnavailable`` when unreachable.
         """
 
+    def mark_ready(self, lease: Lease) -> None:
+        """Hook: the daemon calls it once *lease* is set up and its subnet file written.
+
+        Optional; the Kubernetes store reports the Node's network as available here.  It must
+        not raise: a store that fails to report logs it and tries again later.
+        """
+
     def close(self) -> None:
         """Release connections; the store is unusable afterwards."""
 

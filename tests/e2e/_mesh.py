@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import time
+from collections.abc import Callable
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
 
@@ -47,18 +48,24 @@ def init_network(cluster: topo.Cluster, store_args: list[str]) -> None:
 
 
 def bring_up(
-    cluster: topo.Cluster, args: list[str], hosts: list[topo.Host] | None = None, *, init_args: list[str] | None = None
+    cluster: topo.Cluster,
+    args: list[str] | Callable[[topo.Host], list[str]],
+    hosts: list[topo.Host] | None = None,
+    *,
+    init_args: list[str] | None = None,
 ) -> None:
     """Start a daemon on each host, wait for its subnet file, attach its container, wait for routes.
 
-    With *init_args* (the store options), the network config is written first with
-    ``overlayd network init``; without, the daemons create it from ``--network`` on a cold store.
+    *args* are the daemon options, or a function of the host that returns them (a store that
+    names the host, such as Kubernetes' ``--kubernetes-node-name``).  With *init_args* (the
+    store options), the network config is written first with ``overlayd network init``;
+    without, the daemons create it from ``--network`` on a cold store.
     """
     if init_args is not None:
         init_network(cluster, init_args)
     hosts = cluster.hosts if hosts is None else hosts
     for host in hosts:
-        host.start_daemon(args)
+        host.start_daemon(args(host) if callable(args) else args)
     for host in hosts:
         host.attach_container(host.wait_ready(30))
     wait_full_mesh_routes(cluster)
