@@ -39,6 +39,7 @@ from .config import DEFAULT_BACKEND_TYPE, NetworkConfig
 from .errors import HistoryGone, KernelError, LeaseLost, OverlaydError, StoreCorrupted, TransientError, UserError
 from .health import DaemonStatus, HealthServer
 from .hostiface import select_host
+from .metrics import Metrics, drifted
 from .model import Lease, LeaseAttrs, LeaseList
 from .peers import public_ip_problem, valid_peers
 from .plugin import Backend, HostInfo, Network, Store
@@ -165,6 +166,10 @@ class Daemon:
         self._reported: set[tuple[str, int]] = set()
         self._subnet_file_text: str | None = None  # what this daemon last wrote there
         self._health: HealthServer | None = None
+        #: Prometheus metrics of this daemon (its own registry); recorded at the "# metrics:" lines.
+        self.metrics = Metrics()
+        self._desired: frozenset[Any] | None = None  # the previous pass's desired state (drift)
+        self._skipped: list[str] = []  # reasons for the leases skipped by the current pass
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -190,6 +195,7 @@ class Daemon:
         while True:
             try:
                 store = self.store
+                self.metrics.store_source = self._garbled_skipped  # metrics: read at scrape time
                 self.config = resolve_network_config(store, settings.network, settings.backend, settings.subnet_len)
                 break
             except TransientError as exc:
@@ -205,6 +211,7 @@ class Daemon:
             self.config.backend_type, backend_options_in_force(settings, self.config.backend_type)
         )
         self.network = backend.prepare(self.config, self.host)
+        self.metrics.counters_source = self.network.counters  # metrics: forwarder counters at scrape time
         try:
             lease = self._acquire_until_done(stop)
             if lease is None:
@@ -251,6 +258,7 @@ class Daemon:
         )
         lease = self.store.acquire_lease(self.config, lease_attrs, prefer=prefer)
         self.status.store_healthy = True
+        self.metrics.store_up(True)  # metrics
         return lease
 
     def _adopt(self, lease: Lease) -> None:
@@ -260,6 +268,7 @@ class Daemon:
         self.lease = lease
         self.status.lease_subnet = str(lease.subnet)
         self.status.lease_expiration = lease.expiration.isoformat() if lease.expiration else None
+        self.metrics.lease(lease.expiration)  # metrics
         if changed:
             self.network.activate(lease)
             self._subnet_file_text = None  # whatever is there now was for another subnet
@@ -315,6 +324,9 @@ class Daemon:
             self._store.close()
             self._store = None
 
+    def _garbled_skipped(self) -> int:
+        return self._store.garbled_skipped if self._store is not None else 0
+
     @property
     def store(self) -> Store:
         if self._store is None:
@@ -323,7 +335,9 @@ class Daemon:
 
     def _start_health(self) -> None:
         if self.settings.healthz_port:
-            self._health = HealthServer(self.settings.healthz_ip, self.settings.healthz_port, lambda: self.status)
+            self._health = HealthServer(
+                self.settings.healthz_ip, self.settings.healthz_port, lambda: self.status, metrics=self.metrics
+            )
             self._health.start()
 
     # -- the loop ----------------------------------------------------------------------------
@@ -337,6 +351,7 @@ class Daemon:
                 listed = time.monotonic()
                 self._snapshot = snapshot
                 self.status.store_healthy = True
+                self.metrics.store_up(True)  # metrics
                 self._keep_lease(snapshot)
                 self.reconcile(snapshot)
                 self._keep_subnet_file()
@@ -349,10 +364,13 @@ class Daemon:
                 backoff.reset()
                 self._wait_for_change(snapshot.revision, stop)
             except HistoryGone:
+                self.metrics.relisted()  # metrics: the next pass lists every lease again
                 continue
             except TransientError as exc:
                 self._note_error(exc)
                 self.status.store_healthy = False
+                self.metrics.store_up(False)  # metrics
+                self.metrics.watch_restarted()  # metrics: the next pass lists and watches afresh
                 if self._snapshot is not None:
                     self._reconcile_quietly(self._snapshot)
                 stop.wait(backoff.next())
@@ -361,6 +379,7 @@ class Daemon:
                 self._note_error(exc)
                 if isinstance(exc, StoreCorrupted):  # the datapath stays; status shows the store is not fine
                     self.status.store_healthy = False
+                    self.metrics.store_up(False)  # metrics
                 stop.wait(backoff.next())
 
     def _wait_for_change(self, revision: int, stop: threading.Event) -> None:
@@ -403,6 +422,7 @@ class Daemon:
                 self._last_renewal = time.monotonic()
                 self.lease = self.store.renew_lease(current)
                 self.status.lease_expiration = self.lease.expiration.isoformat() if self.lease.expiration else None
+                self.metrics.lease(self.lease.expiration)  # metrics
                 log.debug("renewed lease %s until %s", self.lease.subnet, self.lease.expiration)
             except LeaseLost:
                 self._reacquire()
@@ -416,16 +436,36 @@ class Daemon:
     def reconcile(self, snapshot: LeaseList) -> plan.Plan[Any]:
         """One pass: desired (from *snapshot*) versus actual (from the kernel); apply the difference."""
         assert self.network is not None and self.lease is not None
+        started = time.monotonic()
+        self._skipped = []
         peers = self.valid_peers(snapshot.leases)
         desired = self.network.desired_state(self.lease, peers)
         actual = self.network.actual_state()
         change = plan.diff(desired, actual)
+        removals = change.removals()
         if not change.empty:
-            self.network.apply(change)
-            log.info("reconciled: %d added or replaced, %d removed", len(change.add), len(change.removals()))
+            try:
+                self.network.apply(change)
+            except OverlaydError:
+                self.metrics.pass_failed()  # metrics
+                raise
+            repaired = drifted(self._desired, change.add, removals)
+            self.metrics.drift_repaired(repaired)  # metrics
+            log.info(
+                "reconciled: %d added or replaced, %d removed",
+                len(change.add),
+                len(removals),
+                extra={"added": len(change.add), "removed": len(removals), "drift": len(repaired)},
+            )
+        self._desired = desired
         self.status.first_reconcile_done = True
         self.status.last_reconcile = time.monotonic()
         self.status.peers_programmed = len(peers)
+        # metrics: one pass, its peers and the kernel state it leaves (actual + plan, no re-read)
+        known = sum(1 for lease in snapshot.leases if lease.key != self.lease.key)
+        self.metrics.peers(known, len(peers), self._skipped)
+        self.metrics.kernel_entries(plan.simulate(actual, change))
+        self.metrics.pass_done(time.monotonic() - started, len(change.add), len(removals))
         return change
 
     def _reconcile_quietly(self, snapshot: LeaseList) -> None:
@@ -441,11 +481,13 @@ class Daemon:
         return valid_peers(self.config, self.network, self.lease, leases, self._report_invalid, addresses)
 
     def _report_invalid(self, key: str, revision: int, reason: str) -> None:
+        self._skipped.append(reason)
         if (key, revision) not in self._reported:
             self._reported.add((key, revision))
             log.warning("skipping lease %s (revision %d): %s", key, revision, reason)
 
     def _note_error(self, exc: OverlaydError) -> None:
+        self.metrics.error(exc)  # metrics
         text = str(exc)
         if text != self.status.last_error:
             log.warning("%s; retrying", text)
