@@ -42,10 +42,17 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(doc, separators=(",", ":"))
 
 
+def _ours_or_info(record: logging.LogRecord) -> bool:
+    """Debug lines of overlayd only: a library's debug output (pyroute2 logs every netlink
+    message, grpc every frame) is one line per packet, which the daemon's logs must never be."""
+    return record.levelno >= logging.INFO or record.name == "overlayd" or record.name.startswith("overlayd.")
+
+
 def configure(level: str, fmt: str, stream: Any) -> None:
     """Install the chosen format on the root logger (the CLI's job; replaces earlier handlers)."""
     handler = logging.StreamHandler(stream)
     handler.setFormatter(JsonFormatter() if fmt == "json" else logging.Formatter(TEXT_FORMAT))
+    handler.addFilter(_ours_or_info)
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)
