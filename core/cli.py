@@ -655,7 +655,9 @@ def status_figures(text: str) -> dict[str, list[tuple[str, float]]]:
 def _figure(value: float) -> str:
     if value != value or value in (float("inf"), float("-inf")):
         return str(value)
-    return str(int(value)) if value == int(value) else f"{value:.6g}"
+    if value == int(value) or abs(value) >= 1e6:
+        return f"{value:.0f}"
+    return f"{value:.6g}"
 
 
 def _probe(url: str) -> str:

@@ -201,9 +201,7 @@ class Metrics:
         self._firewall_resyncs = Counter(
             f"{p}_firewall_resyncs", "Firewall rule sets found changed and installed again.", registry=r
         )
-        self._probe_reachable = Gauge(
-            f"{p}_peers_reachable", "Peers answering the last periodic overlay probe (--probe-interval).", registry=r
-        )
+        self._probe_reachable: Gauge | None = None  # registered by the first probe round only
         for label in ("ok", "error"):
             self._passes.labels(label)
         for kind in ("route", "neigh", "fdb"):
@@ -239,7 +237,7 @@ class Metrics:
         self._peers_programmed.set(programmed)
         tally = Tally(skip_reason(text) for text in skipped_reasons)
         with self._lock:
-            for label in {*(label for label, _ in SKIP_REASONS), "other"}:
+            for label in (*(label for label, _ in SKIP_REASONS), "other"):
                 self._peers_skipped.labels(label).set(tally.get(label, 0))
 
     def kernel_entries(self, objects: Iterable[object]) -> None:
@@ -268,6 +266,15 @@ class Metrics:
         self._expiration, self._has_lease = expiration, True
 
     def peers_reachable(self, n: int) -> None:
+        """Peers that answered the last periodic probe (``--probe-interval``); the gauge exists
+        only once probing runs, so an absent figure never reads as "none reachable"."""
+        with self._lock:
+            if self._probe_reachable is None:
+                self._probe_reachable = Gauge(
+                    f"{PREFIX}_peers_reachable",
+                    "Peers answering the last periodic overlay probe (--probe-interval).",
+                    registry=self.registry,
+                )
         self._probe_reachable.set(n)
 
     # -- reading --------------------------------------------------------------------------------
