@@ -470,7 +470,8 @@ def leases(as_json: bool, watch: bool) -> None:
 def _watch_leases(as_json: bool) -> None:
     """The table (or one JSON snapshot line), then one line per change (``Store.watch_leases``)."""
     stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
+    for signum in (signal.SIGTERM, signal.SIGINT):  # Ctrl-C is how a watch ends: exit 0
+        signal.signal(signum, lambda signum, frame: stop.set())
     describe = _describer()
     with _opened_store() as store:
         for item in store.watch_leases(stop):
