@@ -28,10 +28,8 @@ cluster.
 
 from __future__ import annotations
 
-import re
 import shutil
-import subprocess
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from ipaddress import IPv4Address, IPv6Address
 from typing import Any
@@ -47,6 +45,7 @@ from .kernel import FdbEntry, Neighbour
 from .model import Lease
 from .peers import valid_peers
 from .plugin import Network
+from .probe import Pinger, Probe, ping
 from .subnetfile import previous_subnet
 
 Address = IPv4Address | IPv6Address
@@ -60,23 +59,6 @@ UNREACHABLE = "host unreachable: neither underlay nor overlay answers"
 
 ICMP_IPV4_OVERHEAD = 28  # IPv4 header 20 + ICMP header 8: ping -s MTU-28 fills the MTU exactly
 MAX_WORKERS = 32
-
-_COUNTS = re.compile(r"(\d+) packets transmitted, (\d+) (?:packets )?received")
-_RTT = re.compile(r"= [\d.]+/([\d.]+)/[\d.]+/[\d.]+ ms")
-
-
-@attrs.frozen
-class Probe:
-    """One ping's outcome: any reply counts as reachable."""
-
-    ok: bool
-    rtt_ms: float | None = None
-    detail: str = ""
-
-    def shown(self) -> str:
-        if self.ok:
-            return f"ok {self.rtt_ms:.2f} ms" if self.rtt_ms is not None else "ok"
-        return "FAIL"
 
 
 @attrs.frozen
@@ -159,27 +141,6 @@ def diagnose(kernel: str | None, underlay: Probe, overlay: Probe | None, full_si
 
 
 # -- probes ------------------------------------------------------------------------------------
-
-
-Pinger = Callable[..., Probe]
-
-
-def ping(dst: Address, *, count: int = 3, timeout: float = 1.0, size: int | None = None, df: bool = False) -> Probe:
-    """``ping`` *dst* (see the module note); never raises for an unreachable peer."""
-    argv = ["ping", "-n", "-q", "-c", str(count), "-W", f"{timeout:g}", "-i", "0.2"]
-    if size is not None:
-        argv += ["-s", str(size)]
-    if df:
-        argv += ["-M", "do"]
-    argv.append(str(dst))
-    try:
-        proc = subprocess.run(argv, capture_output=True, text=True, timeout=count * (timeout + 0.2) + 10, check=False)
-    except subprocess.TimeoutExpired:
-        return Probe(False, detail="ping did not finish")
-    counts, rtt = _COUNTS.search(proc.stdout), _RTT.search(proc.stdout)
-    received = int(counts.group(2)) if counts else 0
-    detail = (proc.stdout + proc.stderr).strip().splitlines()
-    return Probe(received > 0, float(rtt.group(1)) if rtt else None, detail[-1] if detail else "")
 
 
 # -- the check -----------------------------------------------------------------------------------

@@ -264,6 +264,18 @@ def _global_options(f: Callable[..., Any]) -> Callable[..., Any]:
             help="Seconds between full reconciles.",
         ),
         click.option(
+            "--probe-interval",
+            type=click.FloatRange(0),
+            default=0.0,
+            show_default=True,
+            help="Seconds between pings of every peer's overlay address, exported as metrics (0: off).",
+        ),
+        click.option(
+            "--probe-per-peer/--no-probe-per-peer",
+            default=False,
+            help="With --probe-interval, export overlayd_peer_reachable per peer (one series per peer).",
+        ),
+        click.option(
             "--release-on-exit/--keep-on-exit",
             default=False,
             help="On SIGTERM, give the lease back and remove kernel state.",
@@ -357,6 +369,8 @@ def settings_from_params(params: dict[str, Any]) -> DaemonSettings:
         healthz_port=params["healthz_port"],
         resync_period=params["resync_period"],
         release_on_exit=params["release_on_exit"],
+        probe_interval=params["probe_interval"],
+        probe_per_peer=params["probe_per_peer"],
     )
 
 

@@ -28,6 +28,7 @@ import random
 import threading
 import time
 from collections.abc import Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from ipaddress import IPv4Network
 from typing import Any
@@ -43,6 +44,7 @@ from .metrics import Metrics, drifted
 from .model import Lease, LeaseAttrs, LeaseList
 from .peers import public_ip_problem, valid_peers
 from .plugin import Backend, HostInfo, Network, Store
+from .probe import ping
 from .subnetfile import SubnetFile, check_writable, previous_subnet, read_bounded, write_subnet_file
 
 log = logging.getLogger(__name__)
@@ -76,6 +78,10 @@ class DaemonSettings:
     healthz_port: int = 0
     resync_period: float = 10.0
     release_on_exit: bool = False
+    #: Seconds between ICMP probes of every peer's overlay address (0: off); see ``Prober``.
+    probe_interval: float = 0.0
+    #: Export ``overlayd_peer_reachable{peer=...}``: one series per peer, so off by default.
+    probe_per_peer: bool = False
 
 
 def run(settings: DaemonSettings, stop: threading.Event) -> None:
@@ -170,6 +176,8 @@ class Daemon:
         self.metrics = Metrics()
         self._desired: frozenset[Any] | None = None  # the previous pass's desired state (drift)
         self._skipped: list[str] = []  # reasons for the leases skipped by the current pass
+        self._probe_targets: dict[str, Any] = {}  # peer subnet -> overlay address (--probe-interval)
+        self._probe_address: Any = None  # the backend's probe_address (classmethod)
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -179,6 +187,8 @@ class Daemon:
             self._start_health()
             if not self.start(stop):
                 return
+            if self.settings.probe_interval > 0:
+                threading.Thread(target=self._probe_loop, args=(stop,), name="overlayd-probe", daemon=True).start()
             self.loop(stop)
             if self.settings.release_on_exit:
                 self.release()
@@ -212,6 +222,7 @@ class Daemon:
         )
         self.network = backend.prepare(self.config, self.host)
         self.metrics.counters_source = self.network.counters  # metrics: forwarder counters at scrape time
+        self._probe_address = type(backend).probe_address
         try:
             lease = self._acquire_until_done(stop)
             if lease is None:
@@ -382,6 +393,21 @@ class Daemon:
                     self.metrics.store_up(False)  # metrics
                 stop.wait(backoff.next())
 
+    def _probe_loop(self, stop: threading.Event) -> None:
+        """``--probe-interval``: ping every programmed peer's overlay address, all at once, and
+        export how many answered (and, with ``--probe-per-peer``, which).  Its own thread, so a
+        dead peer's timeout never delays a reconcile pass; it reads only the target list the
+        last pass left."""
+        with ThreadPoolExecutor(max_workers=32, thread_name_prefix="overlayd-probe") as pool:
+            while not stop.wait(self.settings.probe_interval):
+                targets = dict(self._probe_targets)
+                answers = dict(zip(targets, pool.map(lambda ip: ping(ip, count=1, timeout=1.0).ok, targets.values()),
+                                   strict=True))  # fmt: skip
+                self.metrics.peers_reachable(sum(answers.values()))  # metrics
+                if self.settings.probe_per_peer:
+                    self.metrics.peer_reachable(answers)  # metrics
+                log.debug("probe: %d of %d peers answered", sum(answers.values()), len(answers))
+
     def _wait_for_change(self, revision: int, stop: threading.Event) -> None:
         deadline = time.monotonic() + self.settings.resync_period
         renew_at = self._renew_due_in()
@@ -463,6 +489,9 @@ class Daemon:
         self.status.peers_programmed = len(peers)
         # metrics: one pass, its peers and the kernel state it leaves (actual + plan, no re-read)
         known = sum(1 for lease in snapshot.leases if lease.key != self.lease.key)
+        if self.settings.probe_interval > 0 and self._probe_address is not None:
+            targets = {str(peer.subnet): self._probe_address(peer) for peer in peers}
+            self._probe_targets = {subnet: address for subnet, address in targets.items() if address is not None}
         self.metrics.peers(known, len(peers), self._skipped)
         self.metrics.kernel_entries(plan.simulate(actual, change))
         self.metrics.pass_done(time.monotonic() - started, len(change.add), len(removals))

@@ -202,6 +202,8 @@ class Metrics:
             f"{p}_firewall_resyncs", "Firewall rule sets found changed and installed again.", registry=r
         )
         self._probe_reachable: Gauge | None = None  # registered by the first probe round only
+        self._peer_reachable: Gauge | None = None  # only with --probe-per-peer (one series per peer)
+        self._peer_labels: set[str] = set()
         for label in ("ok", "error"):
             self._passes.labels(label)
         for kind in ("route", "neigh", "fdb"):
@@ -276,6 +278,24 @@ class Metrics:
                     registry=self.registry,
                 )
         self._probe_reachable.set(n)
+
+    def peer_reachable(self, answers: Mapping[str, bool]) -> None:
+        """Per peer (its subnet as the label): 1 when it answered the last probe.  Opt-in
+        (``--probe-per-peer``) because the labels grow with the cluster; departed peers' series
+        are removed."""
+        with self._lock:
+            if self._peer_reachable is None:
+                self._peer_reachable = Gauge(
+                    f"{PREFIX}_peer_reachable",
+                    "1 when the peer (by subnet) answered the last overlay probe (--probe-per-peer).",
+                    ["peer"],
+                    registry=self.registry,
+                )
+            for gone in self._peer_labels - set(answers):
+                self._peer_reachable.remove(gone)
+            for peer, ok in answers.items():
+                self._peer_reachable.labels(peer).set(1 if ok else 0)
+            self._peer_labels = set(answers)
 
     # -- reading --------------------------------------------------------------------------------
 

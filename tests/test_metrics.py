@@ -94,6 +94,18 @@ def test_a_failing_source_does_not_break_a_scrape() -> None:
     assert samples(m)[("overlayd_store_garbled_leases_skipped_total", ())] == 0
 
 
+def test_per_peer_reachability_is_opt_in_and_forgets_departed_peers() -> None:
+    m = Metrics()
+    assert not any(name.startswith("overlayd_peer") and "reachable" in name for name, _ in samples(m))
+    m.peers_reachable(1)
+    m.peer_reachable({"10.244.1.0/24": True, "10.244.2.0/24": False})
+    m.peer_reachable({"10.244.1.0/24": False})
+    got = samples(m)
+    assert got[("overlayd_peers_reachable", ())] == 1
+    assert got[("overlayd_peer_reachable", (("peer", "10.244.1.0/24"),))] == 0
+    assert ("overlayd_peer_reachable", (("peer", "10.244.2.0/24"),)) not in got
+
+
 def test_labels_are_bounded() -> None:
     assert error_kind(errors.HistoryGone("x")) == "history_gone"
     assert error_kind(errors.KernelError("x")) == "kernel"

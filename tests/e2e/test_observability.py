@@ -153,9 +153,10 @@ def test_check_names_a_sabotaged_fdb_entry_a_blocked_overlay_port_and_an_mtu_bla
     if shutil.which("nft") is None:
         pytest.skip("needs nft (apt-get install nftables)")
     cluster = make_cluster(3)
-    args = embedded_args(cluster)
+    args = embedded_args(cluster, "--healthz-port", str(PORT), "--probe-interval", "0.5", "--probe-per-peer")
     h0, h1, h2 = cluster.hosts
     for host in cluster.hosts:
+        lo_up(host)
         host.start_daemon(args)
     for host in cluster.hosts:
         host.wait_ready(30)
@@ -168,16 +169,22 @@ def test_check_names_a_sabotaged_fdb_entry_a_blocked_overlay_port_and_an_mtu_bla
     assert code == 0, (doc, err)
     assert [peer["diagnosis"] for peer in doc["peers"]] == [OK, OK]
     assert all(peer["overlay"]["ok"] and peer["underlay"]["ok"] and peer["full_size"]["ok"] for peer in doc["peers"])
+    wait_metric(h0, "both peers answer the daemon's probes", lambda s: value(s, "overlayd_peers_reachable") == 2)
 
     # Sabotage: host0's FDB entry for host1 goes (with host0's daemon stopped, nothing repairs
     # it), and host2 drops overlay traffic in its own namespace.
+    nft(h2, "add", "table", "inet", "ovdcheck")
+    nft(h2, "add", "chain", "inet", "ovdcheck", "in", "{ type filter hook input priority -10 ; }")
+    nft(h2, "add", "rule", "inet", "ovdcheck", "in", "udp", "dport", "8472", "drop")
+    # The daemon's periodic probes (--probe-interval, --probe-per-peer) see the blocked peer
+    # (host0's daemon is still running here; it is stopped below, before the FDB sabotage).
+    s = wait_metric(h0, "host2 stops answering", lambda s: value(s, "overlayd_peers_reachable") == 1)
+    assert value(s, "overlayd_peer_reachable", peer=nets[2]) == 0
+    assert value(s, "overlayd_peer_reachable", peer=nets[1]) == 1
     h0.daemon.stop()
     leases = json.loads(cluster.overlayd_cli(*embedded_store_args(cluster), "leases", "--json").stdout)["leases"]
     mac1 = next(x["backend_data"]["VtepMAC"] for x in leases if x["subnet"] == nets[1])
     h0.exec(["bridge", "fdb", "del", mac1, "dev", "flannel.1", "dst", str(h1.underlay.ip)])
-    nft(h2, "add", "table", "inet", "ovdcheck")
-    nft(h2, "add", "chain", "inet", "ovdcheck", "in", "{ type filter hook input priority -10 ; }")
-    nft(h2, "add", "rule", "inet", "ovdcheck", "in", "udp", "dport", "8472", "drop")
 
     start = time.monotonic()
     code, doc, err = run_check(cluster, h0)
