@@ -41,15 +41,15 @@ def test_watch_json_streams_a_snapshot_then_each_change(tmp_path: Path) -> None:
                             stderr=subprocess.PIPE, text=True, env=_env(db))  # fmt: skip
     try:
         lines = _lines(proc)
-        snapshot = json.loads(lines.get(timeout=30))
+        snapshot = json.loads(lines.get(timeout=60))
         assert snapshot["event"] == "snapshot"
         assert [x["subnet"] for x in snapshot["leases"]] == ["10.244.7.0/24"]
         _run(db, "reserve", "10.244.8.0/24", "192.0.2.8")
-        added = json.loads(lines.get(timeout=30))
+        added = json.loads(lines.get(timeout=60))
         assert added["event"] == "added" and added["subnet"] == "10.244.8.0/24"
         assert added["lease"]["public_ip"] == "192.0.2.8" and added["revision"] > snapshot["revision"]
         _run(db, "unreserve", "10.244.7.0/24")
-        removed = json.loads(lines.get(timeout=30))
+        removed = json.loads(lines.get(timeout=60))
         assert removed["event"] == "removed" and removed["subnet"] == "10.244.7.0/24"
     finally:
         proc.send_signal(signal.SIGTERM)
@@ -65,10 +65,10 @@ def test_watch_table_prints_the_leases_then_changes(tmp_path: Path) -> None:
                             text=True, env=_env(db))  # fmt: skip
     try:
         lines = _lines(proc)
-        assert lines.get(timeout=30).split()[:3] == ["SUBNET", "PUBLIC", "IP"]
-        assert lines.get(timeout=30).startswith("-- watching from revision")
+        assert lines.get(timeout=60).split()[:3] == ["SUBNET", "PUBLIC", "IP"]
+        assert lines.get(timeout=60).startswith("-- watching from revision")
         _run(db, "reserve", "10.244.9.0/24", "192.0.2.9")
-        assert lines.get(timeout=30).split()[:3] == ["ADDED", "10.244.9.0/24", "192.0.2.9"]
+        assert lines.get(timeout=60).split()[:3] == ["ADDED", "10.244.9.0/24", "192.0.2.9"]
     finally:
         proc.send_signal(signal.SIGINT)
         proc.communicate(timeout=30)
