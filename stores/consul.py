@@ -102,7 +102,7 @@ def _address(value: str) -> str:
     text = str(value).strip()
     host, sep, port = text.rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536 or "/" in text:
-        raise ValueError(f"{value!r} is not HOST:PORT (like 127.0.0.1:8500)")
+        raise ValueError(f"{value!r} is not HOST:PORT (like 127.0.0.1:8500); fix --consul-address")
     return text
 
 

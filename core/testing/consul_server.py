@@ -290,7 +290,8 @@ def _session_view(session: dict[str, Any]) -> dict[str, Any]:
 
 class Handler(BaseHTTPRequestHandler):
     server: FakeConsulHTTPServer
-    protocol_version = "HTTP/1.1"
+    protocol_version = "HTTP/1.1"  # keep-alive, as Consul's agent serves it
+    disable_nagle_algorithm = True  # headers and body are two writes: no 40 ms delayed-ACK stall
 
     def log_message(self, format: str, *args: Any) -> None:
         if self.server.verbose:
