@@ -385,8 +385,9 @@ class ConsulStore(Store):
             if item.session:
                 if item.session == ours and renewed is not None:
                     expiration = renewed + self.options.ttl
-                elif item.session in ttls:
-                    expiration = now + TTL_MULTIPLIER * timedelta(seconds=ttls[item.session])
+                elif item.session in ttls:  # a session without a TTL lives until destroyed: show ours
+                    ttl = timedelta(seconds=ttls[item.session]) if ttls[item.session] else self.options.ttl
+                    expiration = now + TTL_MULTIPLIER * ttl
                 else:
                     continue  # its session is gone: Consul deletes the key any moment
             name, ipv6 = split

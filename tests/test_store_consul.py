@@ -227,8 +227,13 @@ def test_tombstone_reap_lowering_the_index_is_history_gone(fake: FakeConsul, pre
 
 def test_a_blocking_return_without_change_is_no_event(fake: FakeConsul, prefix: str) -> None:
     store = open_store("consul", **options(fake, prefix))
+    empty = store.list_leases()  # an empty prefix's index is the whole KV table's (Consul does that)
+    http(fake, "PUT", f"/v1/kv/{prefix}-elsewhere/x", "1")
+    moved = store.wait_for_events(empty.revision, 0.6)
+    assert moved.events == () and moved.revision > empty.revision  # the index moved, nothing for us
+    store.acquire_lease(NETWORK, attrs_for("192.0.2.1"))
     listed = store.list_leases()
-    http(fake, "PUT", f"/v1/kv/{prefix}-elsewhere/x", "1")  # another prefix: no change for us
+    http(fake, "PUT", f"/v1/kv/{prefix}-elsewhere/x", "2")  # now our prefix has an index of its own
     started = time.monotonic()
     result = store.wait_for_events(listed.revision, 0.6)
     assert result.events == () and result.revision == listed.revision
@@ -342,3 +347,36 @@ def test_fake_blocking_query_waits_for_a_newer_index(fake: FakeConsul, prefix: s
     _, doc, headers = http(fake, "GET", f"/v1/kv/{prefix}/?recurse&index={index}&wait=5s")
     assert 0.25 < time.monotonic() - started < 3 and int(headers["X-Consul-Index"]) > index
     assert sorted(e["Key"] for e in doc) == [f"{prefix}/a", f"{prefix}/b"]
+
+
+def test_a_garbled_answer_from_consul_is_store_unavailable_not_a_crash() -> None:
+    """Every answer is decoded bounded: ~2 KB nested 1100 levels deep is one error, no RecursionError."""
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from overlayd.testing.store_contract import DEEP_JSON
+
+    class Broken(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            body = DEEP_JSON.encode()
+            self.send_response(200)
+            self.send_header("X-Consul-Index", "7")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Broken)
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        store = open_store("consul", address=f"127.0.0.1:{httpd.server_address[1]}")
+        with pytest.raises(StoreUnavailable, match="nested more than"):
+            store.list_leases()
+        with pytest.raises(StoreUnavailable, match="nested more than"):
+            store.get_config()
+        store.close()
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
