@@ -35,6 +35,7 @@ from typing import Any
 
 import attrs
 from overlayd.sdk import (
+    COUNTERS,
     Backend,
     ConfigError,
     ForwarderProcess,
@@ -85,24 +86,6 @@ class Forward:
 
     def __str__(self) -> str:
         return f"{self.subnet} -> udp {self.peer}"
-
-
-@attrs.frozen
-class Counters:
-    """Forwarder counters since the daemon started (restarts included), per direction.
-
-    ``tx`` is TUN -> peers, ``rx`` is peers -> TUN; ``rx_spoofed`` (also in ``rx_drops``) counts
-    datagrams whose inner source lies outside the sender's lease or whose sender is no peer.
-    """
-
-    tx_packets: int = 0
-    tx_bytes: int = 0
-    tx_drops: int = 0
-    rx_packets: int = 0
-    rx_bytes: int = 0
-    rx_drops: int = 0
-    rx_spoofed: int = 0
-    restarts: int = 0
 
 
 class UdpNetwork(RouteNetwork):
@@ -232,12 +215,17 @@ class UdpNetwork(RouteNetwork):
                 slots[entry.subnet] = entry.peer
         self.forwarder.push(ForwardingTable(slots.items()))
 
-    def counters(self) -> Counters:
-        """Packets, bytes and drops per direction (asks the live forwarder)."""
+    def counters(self) -> Mapping[str, int]:
+        """Forwarder counters since the daemon started (restarts included), per direction.
+
+        ``tx_*`` is TUN -> peers, ``rx_*`` is peers -> TUN; ``rx_spoofed`` (also in ``rx_drops``)
+        counts datagrams from a non-peer or with an inner source outside the sender's lease;
+        ``restarts`` counts forwarders the daemon had to start again.  Asks the live child over
+        its control socket (thread-safe: the metrics thread calls this).
+        """
         if self.forwarder is None:
-            return Counters()
-        values = self.forwarder.counters()
-        return Counters(**values, restarts=max(0, self.forwarder.starts - 1))
+            return {name: 0 for name in (*COUNTERS, "restarts")}
+        return {**self.forwarder.counters(), "restarts": max(0, self.forwarder.starts - 1)}
 
     def teardown(self) -> None:
         self.refuse_offline("udp: teardown")

@@ -61,10 +61,11 @@ from .plugin import (
     to_bool,
 )
 from .routenet import RouteNetwork
-from .udpfwd import ForwarderProcess
+from .udpfwd import COUNTERS, ForwarderProcess
 from .udpfwd import Table as ForwardingTable
 
 __all__ = [
+    "COUNTERS",
     "Backend",
     "Change",
     "ChangeList",

@@ -46,6 +46,7 @@ import socket
 import struct
 import subprocess
 import sys
+import threading
 from collections.abc import Iterable, Mapping, Sequence
 from ipaddress import IPv4Address, IPv4Network
 from typing import Any
@@ -546,9 +547,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 class ForwarderProcess:
     """The daemon's handle on one forwarder child: start, push a table, read counters, stop.
 
-    Calls are synchronous request/reply on the socketpair, with a timeout, from the daemon's
-    single thread.  Counters of children that died are kept in :attr:`past` so totals survive
-    a restart.
+    Calls are synchronous request/reply on the socketpair, with a timeout, under one lock: the
+    daemon's loop pushes tables while the metrics thread reads counters.  Counters of children
+    that died are kept in :attr:`past` so totals survive a restart.
     """
 
     def __init__(self, device: str, bind: IPv4Address, port: int, offload: bool) -> None:
@@ -559,6 +560,7 @@ class ForwarderProcess:
         self.last: dict[str, Any] = {}
         self.past = dict.fromkeys(COUNTERS, 0)
         self.starts = 0
+        self._lock = threading.RLock()
 
     @property
     def pid(self) -> int | None:
@@ -569,7 +571,11 @@ class ForwarderProcess:
         return self.pid is not None
 
     def start(self) -> None:
-        self.stop()
+        with self._lock:
+            self._start()
+
+    def _start(self) -> None:
+        self._stop()
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         for sock in (ours, theirs):
             for option in (getattr(socket, "SO_SNDBUFFORCE", 32), getattr(socket, "SO_RCVBUFFORCE", 33)):
@@ -624,19 +630,25 @@ class ForwarderProcess:
 
     def push(self, table: Table) -> None:
         """Give the child *table* (it swaps it in between two packets)."""
-        self._request(table.encode())
-        self.table = table
+        with self._lock:
+            self._request(table.encode())
+            self.table = table
 
     def counters(self) -> dict[str, int]:
         """Totals since the first start: the live child's counters plus those of dead ones."""
-        if self.alive:
-            try:
-                self._request(b'{"op": "stats"}')
-            except KernelError:
-                pass
-        return {name: self.past[name] + int(self.last.get(name, 0)) for name in COUNTERS}
+        with self._lock:
+            if self.alive:
+                try:
+                    self._request(b'{"op": "stats"}')
+                except KernelError:
+                    pass
+            return {name: self.past[name] + int(self.last.get(name, 0)) for name in COUNTERS}
 
     def stop(self) -> None:
+        with self._lock:
+            self._stop()
+
+    def _stop(self) -> None:
         if self.ctl is not None:
             self.ctl.close()
             self.ctl = None

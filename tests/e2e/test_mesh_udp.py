@@ -7,6 +7,7 @@ import importlib.util
 import os
 import shutil
 import signal
+import sys
 import time
 from pathlib import Path
 
@@ -16,6 +17,22 @@ from overlayd import _topology as topo
 from ._mesh import NETWORK, RESYNC, assert_full_mesh
 
 pytestmark = [pytest.mark.root, pytest.mark.etcd, pytest.mark.timeout(300)]
+
+METRICS_PORT = 9181
+_FETCH = (
+    "import sys, urllib.request; "
+    "sys.stdout.write(urllib.request.urlopen(f'http://127.0.0.1:{sys.argv[1]}/metrics', timeout=5).read().decode())"
+)
+
+
+def forwarder_metrics(host: topo.Host) -> dict[str, float]:
+    """``overlayd_forwarder_*_total`` from the host's /metrics (served on 127.0.0.1 in its namespace)."""
+    out = {}
+    for line in host.exec([sys.executable, "-c", _FETCH, str(METRICS_PORT)]).stdout.splitlines():
+        if line.startswith("overlayd_forwarder_"):
+            name, value = line.rsplit(" ", 1)
+            out[name.removeprefix("overlayd_forwarder_").removesuffix("_total")] = float(value)
+    return out
 
 
 @pytest.fixture(autouse=True)
@@ -30,7 +47,7 @@ def udp_args(cluster: topo.Cluster) -> list[str]:
     return [
         "--store", "etcd", "--etcd-endpoints", cluster.etcd_endpoint,
         "--backend", "udp", "--network", NETWORK,
-        "--healthz-port", "0", "--resync-period", str(RESYNC), "--log-level", "debug",
+        "--healthz-port", str(METRICS_PORT), "--resync-period", str(RESYNC), "--log-level", "debug",
     ]  # fmt: skip
 
 
@@ -56,6 +73,7 @@ def test_udp_mesh_over_etcd_and_a_killed_forwarder_comes_back(make_cluster, figu
     cluster.start_etcd()
     start = time.monotonic()
     for host in cluster.hosts:
+        host.ip("link", "set", "lo", "up")  # the metrics endpoint listens on 127.0.0.1 in the host
         host.start_daemon(udp_args(cluster))
     for host in cluster.hosts:
         env = host.wait_ready(30)
@@ -83,3 +101,7 @@ def test_udp_mesh_over_etcd_and_a_killed_forwarder_comes_back(make_cluster, figu
     assert new is not None and new != old
     assert h0.daemon is not None and h0.daemon.running
     assert_full_mesh(cluster, count=1)
+
+    counters = forwarder_metrics(h0)  # the Network.counters() hook, exported by the daemon
+    assert counters["restarts"] == 1, counters
+    assert counters["tx_packets"] > 0 and counters["rx_packets"] > 0 and counters["rx_spoofed"] == 0, counters
