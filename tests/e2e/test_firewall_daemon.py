@@ -106,8 +106,10 @@ def test_the_daemon_keeps_nat_forward_and_the_overlay_port_allow_list(make_clust
     for host in cluster.hosts:
         restart(host, args(cluster, kind, "--ip-masq"))
     assert h0.subnet_env().ipmasq is True
-    topo.wait_until(lambda: c0.ping(OUTSIDE.ip, count=1).ok, 3 * RESYNC + 5, what="masqueraded ping to the outside")
-    assert c1.ping(OUTSIDE.ip).ok
+    masq = "masquerade" if kind == "nftables" else "MASQUERADE"
+    for host in cluster.hosts:  # the subnet file comes first; the rules on the first pass right after
+        topo.wait_until(lambda host=host: masq in rules(host, kind), 3 * RESYNC + 5, what=f"rules on {host.name}")
+    assert c0.ping(OUTSIDE.ip).ok and c1.ping(OUTSIDE.ip).ok
     assert_full_mesh(cluster)
     nets = subnets(cluster)
     want = rules(h0, kind)
