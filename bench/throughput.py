@@ -98,14 +98,14 @@ def main() -> None:
         load = os.getloadavg()
         u = statistics.median(under)
         print(f"{args.rounds} rounds of {args.seconds} s, one TCP stream; load average {load[0]:.2f} {load[1]:.2f}")
-        print(f"{'underlay (host -> host):':<40}median {u / 1e9:6.2f} Gbit/s  {[round(x / 1e9, 2) for x in under]}")
+        print(f"{'underlay (host -> host):':<46}median {u / 1e9:6.2f} Gbit/s  {[round(x / 1e9, 2) for x in under]}")
         print(f"ping RTT underlay (50 x 10 ms): {rtt_under:.3f} ms")
         for backend, (a, b) in pairs.items():
             assert a.container is not None and b.container is not None
             o = statistics.median(over[backend])
             r = rtt(a.container.ns, b.container.address.ip)
             name = f"{backend} (container -> container, MTU {a.container.mtu}):"
-            print(f"{name:<40}median {o / 1e9:6.2f} Gbit/s  {[round(x / 1e9, 2) for x in over[backend]]}")
+            print(f"{name:<46}median {o / 1e9:6.2f} Gbit/s  {[round(x / 1e9, 2) for x in over[backend]]}")
             print(f"  {backend} / underlay throughput: {o / u:.2f}; ping RTT {r:.3f} ms (+{r - rtt_under:.3f} ms)")
     finally:
         cluster.cleanup()
