@@ -96,7 +96,7 @@ class _PluginOption(click.Option):
 def plugin_params(cls: type[Plugin], plugin_name: str) -> list[click.Option]:
     """Click options for every field of the plugin's Options class."""
     hints = typing.get_type_hints(cls.Options)
-    params = []
+    params: list[click.Option] = []
     for field in attrs.fields(cls.Options):
         flag = f"{plugin_name}-{field.name.replace('_', '-')}"
         kind, is_flag = _click_type(field, hints.get(field.name, str))
