@@ -15,6 +15,9 @@ datapath untouched (the last snapshot keeps being enforced, so kernel drift is s
 and is retried with capped, jittered exponential backoff.  A lost lease is re-acquired,
 preferring the same subnet, instead of exiting.  The subnet file is desired state too: every
 pass compares it with what it should say and rewrites it when someone deleted or edited it.
+So are the firewall rules (masquerade, forward, the overlay-port allow-list; ``overlayd.firewall``):
+read back when the peers or the lease change and once per resync period, replaced in one
+transaction when they differ, never flushed on a restart.
 
 The daemon owns no process-wide state: no signal handlers, no logging config.  ``run()`` returns
 when the given ``threading.Event`` is set; the CLI owns the process.
@@ -174,6 +177,8 @@ class Daemon:
         self._health: HealthServer | None = None
         self.firewall: Firewall = NoFirewall()
         self._peers: list[Lease] = []  # the valid peers of the last pass, for the firewall
+        self._peers_changed = True  # did the last pass see another peer set than the one before?
+        self._rules_for: tuple[Any, ...] | None = None  # (lease subnets, host IPs) of the last ensure
         self._rules_ensured: tuple[RuleSet, ...] | None = None  # what the firewall last held
         self._rules_checked = float("-inf")  # monotonic time of the last read-back
 
@@ -364,7 +369,7 @@ class Daemon:
                 self._keep_lease(snapshot)
                 self.reconcile(snapshot)
                 self._keep_subnet_file()
-                self._keep_firewall(self._peers, changed=False)
+                self._keep_firewall(self._peers, changed=self._peers_changed)
                 log.debug(
                     "pass at revision %d: list %.1f ms, reconcile %.1f ms",
                     snapshot.revision,
@@ -442,7 +447,7 @@ class Daemon:
         """One pass: desired (from *snapshot*) versus actual (from the kernel); apply the difference."""
         assert self.network is not None and self.lease is not None
         peers = self.valid_peers(snapshot.leases)
-        self._peers = peers
+        self._peers_changed, self._peers = peers != self._peers, peers
         desired = self.network.desired_state(self.lease, peers)
         actual = self.network.actual_state()
         change = plan.diff(desired, actual)
@@ -482,19 +487,23 @@ class Daemon:
     def _keep_firewall(self, peers: Iterable[Lease], changed: bool) -> None:
         """Keep our firewall rules equal to the desired ones (masquerade, forward, allow-list).
 
-        The rules are read back and compared (``Firewall.ensure``) when *changed* says the peer
-        set or the settings changed, when the desired rules differ from those last ensured, and
-        otherwise once per resync period as an audit that puts hand edits back.  Anything else
-        costs one comparison of two small frozen values.  A write replaces our table (or chains)
-        in one transaction, so there is never a moment without NAT.
+        The desired rules are built and ``Firewall.ensure`` reads the kernel's back and replaces
+        them when they differ: when *changed* says the peer set changed, when this host's lease
+        (subnet) or addresses changed, and otherwise once per resync period, as the audit that puts
+        hand edits back.  Any other call returns at once without touching *peers* (O(1)), so an
+        event-driven loop may call it on every event.  A write replaces our table (or chains) in
+        one transaction, so there is never a moment without NAT.
         """
         if isinstance(self.firewall, NoFirewall):
             return
-        want = self.desired_rules(peers)
+        assert self.lease is not None
+        host = self.host
+        key = (self.lease.subnet, self.lease.ipv6_subnet, host.public_ip if host else None)
         now = time.monotonic()
         due = now - self._rules_checked >= self.settings.resync_period
-        if not (changed or due or want != self._rules_ensured):
+        if not (changed or due or key != self._rules_for):
             return
+        want = self.desired_rules(peers)
         try:
             for ruleset in want:
                 if self.firewall.ensure(ruleset) and self._rules_ensured is not None:
@@ -508,9 +517,9 @@ class Daemon:
                         log.info("firewall rules of %s (%s) updated", self.firewall.name, ruleset.family)
         except OverlaydError:
             self.status.rules_installed = False
-            self._rules_ensured = None
+            self._rules_ensured = self._rules_for = None
             raise
-        self._rules_ensured = want
+        self._rules_ensured, self._rules_for = want, key
         self._rules_checked = now
         self.status.rules_installed = True
 
