@@ -387,12 +387,12 @@ class Host:
 
         With *fresh*, an existing subnet file is removed first, so its reappearance means "ready".
         """
-        if fresh:
-            self.subnet_file.unlink(missing_ok=True)
         if self.daemon is None or self.daemon.argv != self.daemon_argv(global_args):
             if self.daemon is not None and self.daemon.running:
-                self.daemon.stop()
+                self.daemon.stop()  # first: a running daemon would rewrite the file we remove
             self.daemon = NsProcess(self.ns, self.daemon_argv(global_args), self.workdir / "overlayd.log", _child_env())
+        if fresh:
+            self.subnet_file.unlink(missing_ok=True)
         self.daemon.start()
         return self.daemon
 
