@@ -31,6 +31,7 @@ import random
 import threading
 import time
 from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from ipaddress import IPv4Network
 from typing import Any
@@ -43,9 +44,11 @@ from .errors import HistoryGone, KernelError, LeaseLost, OverlaydError, StoreCor
 from .firewall import Firewall, NoFirewall, RuleSet, desired_ruleset, open_firewall
 from .health import DaemonStatus, HealthServer
 from .hostiface import select_host
+from .metrics import Metrics, drifted
 from .model import Lease, LeaseAttrs, LeaseList
 from .peers import public_ip_problem, valid_peers
 from .plugin import Backend, HostInfo, Network, Store
+from .probe import ping
 from .subnetfile import SubnetFile, check_writable, previous_subnet, read_bounded, write_subnet_file
 
 log = logging.getLogger(__name__)
@@ -85,6 +88,10 @@ class DaemonSettings:
     healthz_port: int = 0
     resync_period: float = 10.0
     release_on_exit: bool = False
+    #: Seconds between ICMP probes of every peer's overlay address (0: off); see ``Prober``.
+    probe_interval: float = 0.0
+    #: Export ``overlayd_peer_reachable{peer=...}``: one series per peer, so off by default.
+    probe_per_peer: bool = False
 
 
 def run(settings: DaemonSettings, stop: threading.Event) -> None:
@@ -181,6 +188,12 @@ class Daemon:
         self._rules_for: tuple[Any, ...] | None = None  # (lease subnets, host IPs) of the last ensure
         self._rules_ensured: tuple[RuleSet, ...] | None = None  # what the firewall last held
         self._rules_checked = float("-inf")  # monotonic time of the last read-back
+        #: Prometheus metrics of this daemon (its own registry); recorded at the "# metrics:" lines.
+        self.metrics = Metrics()
+        self._desired: frozenset[Any] | None = None  # the previous pass's desired state (drift)
+        self._skipped: list[str] = []  # reasons for the leases skipped by the current pass
+        self._probe_targets: dict[str, Any] = {}  # peer subnet -> overlay address (--probe-interval)
+        self._probe_address: Any = None  # the backend's probe_address (classmethod)
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -190,6 +203,8 @@ class Daemon:
             self._start_health()
             if not self.start(stop):
                 return
+            if self.settings.probe_interval > 0:
+                threading.Thread(target=self._probe_loop, args=(stop,), name="overlayd-probe", daemon=True).start()
             self.loop(stop)
             if self.settings.release_on_exit:
                 self.release()
@@ -206,6 +221,7 @@ class Daemon:
         while True:
             try:
                 store = self.store
+                self.metrics.store_source = self._garbled_skipped  # metrics: read at scrape time
                 self.config = resolve_network_config(store, settings.network, settings.backend, settings.subnet_len)
                 break
             except TransientError as exc:
@@ -223,6 +239,8 @@ class Daemon:
             self.config.backend_type, backend_options_in_force(settings, self.config.backend_type)
         )
         self.network = backend.prepare(self.config, self.host)
+        self.metrics.counters_source = self.network.counters  # metrics: forwarder counters at scrape time
+        self._probe_address = type(backend).probe_address
         try:
             lease = self._acquire_until_done(stop)
             if lease is None:
@@ -269,6 +287,7 @@ class Daemon:
         )
         lease = self.store.acquire_lease(self.config, lease_attrs, prefer=prefer)
         self.status.store_healthy = True
+        self.metrics.store_up(True)  # metrics
         return lease
 
     def _adopt(self, lease: Lease) -> None:
@@ -278,10 +297,12 @@ class Daemon:
         self.lease = lease
         self.status.lease_subnet = str(lease.subnet)
         self.status.lease_expiration = lease.expiration.isoformat() if lease.expiration else None
+        self.metrics.lease(lease.expiration)  # metrics
         if changed:
             self.network.activate(lease)
             self._subnet_file_text = None  # whatever is there now was for another subnet
             self._keep_subnet_file()
+            self.store.mark_ready(lease)
 
     def _desired_subnet_file(self) -> str:
         assert self.config and self.network and self.lease
@@ -344,6 +365,9 @@ class Daemon:
             self._store.close()
             self._store = None
 
+    def _garbled_skipped(self) -> int:
+        return self._store.garbled_skipped if self._store is not None else 0
+
     @property
     def store(self) -> Store:
         if self._store is None:
@@ -352,7 +376,9 @@ class Daemon:
 
     def _start_health(self) -> None:
         if self.settings.healthz_port:
-            self._health = HealthServer(self.settings.healthz_ip, self.settings.healthz_port, lambda: self.status)
+            self._health = HealthServer(
+                self.settings.healthz_ip, self.settings.healthz_port, lambda: self.status, metrics=self.metrics
+            )
             self._health.start()
 
     # -- the loop ----------------------------------------------------------------------------
@@ -366,6 +392,7 @@ class Daemon:
                 listed = time.monotonic()
                 self._snapshot = snapshot
                 self.status.store_healthy = True
+                self.metrics.store_up(True)  # metrics
                 self._keep_lease(snapshot)
                 self.reconcile(snapshot)
                 self._keep_subnet_file()
@@ -379,10 +406,13 @@ class Daemon:
                 backoff.reset()
                 self._wait_for_change(snapshot.revision, stop)
             except HistoryGone:
+                self.metrics.relisted()  # metrics: the next pass lists every lease again
                 continue
             except TransientError as exc:
                 self._note_error(exc)
                 self.status.store_healthy = False
+                self.metrics.store_up(False)  # metrics
+                self.metrics.watch_restarted()  # metrics: the next pass lists and watches afresh
                 if self._snapshot is not None:
                     self._reconcile_quietly(self._snapshot)
                 stop.wait(backoff.next())
@@ -391,7 +421,23 @@ class Daemon:
                 self._note_error(exc)
                 if isinstance(exc, StoreCorrupted):  # the datapath stays; status shows the store is not fine
                     self.status.store_healthy = False
+                    self.metrics.store_up(False)  # metrics
                 stop.wait(backoff.next())
+
+    def _probe_loop(self, stop: threading.Event) -> None:
+        """``--probe-interval``: ping every programmed peer's overlay address, all at once, and
+        export how many answered (and, with ``--probe-per-peer``, which).  Its own thread, so a
+        dead peer's timeout never delays a reconcile pass; it reads only the target list the
+        last pass left."""
+        with ThreadPoolExecutor(max_workers=32, thread_name_prefix="overlayd-probe") as pool:
+            while not stop.wait(self.settings.probe_interval):
+                targets = dict(self._probe_targets)
+                answers = dict(zip(targets, pool.map(lambda ip: ping(ip, count=1, timeout=1.0).ok, targets.values()),
+                                   strict=True))  # fmt: skip
+                self.metrics.peers_reachable(sum(answers.values()))  # metrics
+                if self.settings.probe_per_peer:
+                    self.metrics.peer_reachable(answers)  # metrics
+                log.debug("probe: %d of %d peers answered", sum(answers.values()), len(answers))
 
     def _wait_for_change(self, revision: int, stop: threading.Event) -> None:
         deadline = time.monotonic() + self.settings.resync_period
@@ -433,6 +479,7 @@ class Daemon:
                 self._last_renewal = time.monotonic()
                 self.lease = self.store.renew_lease(current)
                 self.status.lease_expiration = self.lease.expiration.isoformat() if self.lease.expiration else None
+                self.metrics.lease(self.lease.expiration)  # metrics
                 log.debug("renewed lease %s until %s", self.lease.subnet, self.lease.expiration)
             except LeaseLost:
                 self._reacquire()
@@ -446,17 +493,40 @@ class Daemon:
     def reconcile(self, snapshot: LeaseList) -> plan.Plan[Any]:
         """One pass: desired (from *snapshot*) versus actual (from the kernel); apply the difference."""
         assert self.network is not None and self.lease is not None
+        started = time.monotonic()
+        self._skipped = []
         peers = self.valid_peers(snapshot.leases)
         self._peers_changed, self._peers = peers != self._peers, peers
         desired = self.network.desired_state(self.lease, peers)
         actual = self.network.actual_state()
         change = plan.diff(desired, actual)
+        removals = change.removals()
         if not change.empty:
-            self.network.apply(change)
-            log.info("reconciled: %d added or replaced, %d removed", len(change.add), len(change.removals()))
+            try:
+                self.network.apply(change)
+            except OverlaydError:
+                self.metrics.pass_failed()  # metrics
+                raise
+            repaired = drifted(self._desired, change.add, removals)
+            self.metrics.drift_repaired(repaired)  # metrics
+            log.info(
+                "reconciled: %d added or replaced, %d removed",
+                len(change.add),
+                len(removals),
+                extra={"added": len(change.add), "removed": len(removals), "drift": len(repaired)},
+            )
+        self._desired = desired
         self.status.first_reconcile_done = True
         self.status.last_reconcile = time.monotonic()
         self.status.peers_programmed = len(peers)
+        # metrics: one pass, its peers and the kernel state it leaves (actual + plan, no re-read)
+        known = sum(1 for lease in snapshot.leases if lease.key != self.lease.key)
+        if self.settings.probe_interval > 0 and self._probe_address is not None:
+            targets = {str(peer.subnet): self._probe_address(peer) for peer in peers}
+            self._probe_targets = {subnet: address for subnet, address in targets.items() if address is not None}
+        self.metrics.peers(known, len(peers), self._skipped)
+        self.metrics.kernel_entries(plan.simulate(actual, change))
+        self.metrics.pass_done(time.monotonic() - started, len(change.add), len(removals))
         return change
 
     def desired_rules(self, peers: Iterable[Lease]) -> tuple[RuleSet, ...]:
@@ -536,11 +606,13 @@ class Daemon:
         return valid_peers(self.config, self.network, self.lease, leases, self._report_invalid, addresses)
 
     def _report_invalid(self, key: str, revision: int, reason: str) -> None:
+        self._skipped.append(reason)
         if (key, revision) not in self._reported:
             self._reported.add((key, revision))
             log.warning("skipping lease %s (revision %d): %s", key, revision, reason)
 
     def _note_error(self, exc: OverlaydError) -> None:
+        self.metrics.error(exc)  # metrics
         text = str(exc)
         if text != self.status.last_error:
             log.warning("%s; retrying", text)
