@@ -14,7 +14,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 BENCHES = [
-    ("throughput: overlay vs underlay", ["throughput.py"]),
+    ("throughput: vxlan and host-gw vs the underlay", ["throughput.py"]),
     (
         "control plane at scale: N = 100 / 1000 / 5000 peers",
         ["scale.py", "--peers", "100,1000,5000", "--plot", "docs/performance.png"],
