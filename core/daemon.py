@@ -576,7 +576,10 @@ class Daemon:
         want = self.desired_rules(peers)
         try:
             for ruleset in want:
-                if self.firewall.ensure(ruleset) and self._rules_ensured is not None:
+                if not self.firewall.ensure(ruleset):
+                    continue
+                self.metrics.firewall_resync()  # metrics
+                if self._rules_ensured is not None:
                     if self._rules_ensured == want:
                         log.warning(
                             "firewall rules of %s (%s) were changed by hand; put back",
