@@ -10,9 +10,6 @@ retry wrapper is tested against real ``botocore`` ``ClientError`` objects built 
 from __future__ import annotations
 
 import logging
-import socket
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -32,56 +29,16 @@ from overlayd.errors import ConfigError, TransientError, UserError
 from overlayd.model import Lease, LeaseAttrs
 from overlayd.plan import diff
 from overlayd.plugin import HostInfo
+from overlayd.testing.ec2_server import REGION, Ec2Server
 from overlayd.testing.etcd import free_port
 
-REGION = "us-east-1"
 NETWORK = IPv4Network("10.213.0.0/16")
-CREDENTIALS = {"AWS_ACCESS_KEY_ID": "AKIAOVERLAYDTEST0001", "AWS_SECRET_ACCESS_KEY": "overlayd-secret-never-logged"}
-
-
-@attrs.frozen
-class Moto:
-    url: str
-    process: subprocess.Popen[bytes]
-
-    def client(self) -> Any:
-        return boto3.client(
-            "ec2",
-            region_name=REGION,
-            endpoint_url=self.url,
-            aws_access_key_id=CREDENTIALS["AWS_ACCESS_KEY_ID"],
-            aws_secret_access_key=CREDENTIALS["AWS_SECRET_ACCESS_KEY"],
-        )
-
-
-def start_moto() -> Moto:
-    port = free_port()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        try:
-            socket.create_connection(("127.0.0.1", port), 0.2).close()
-            return Moto(f"http://127.0.0.1:{port}", process)
-        except OSError:
-            if process.poll() is not None:
-                break
-            time.sleep(0.1)
-    process.kill()
-    raise RuntimeError("moto's server did not start")
 
 
 @pytest.fixture(scope="module")
-def moto() -> Iterator[Moto]:
-    server = start_moto()
-    try:
+def moto() -> Iterator[Ec2Server]:
+    with Ec2Server() as server:
         yield server
-    finally:
-        server.process.terminate()
-        server.process.wait(10)
 
 
 @attrs.frozen
@@ -105,8 +62,8 @@ class Vpc:
 
 
 @pytest.fixture
-def vpc(moto: Moto, monkeypatch: pytest.MonkeyPatch) -> Vpc:
-    for name, value in CREDENTIALS.items():
+def vpc(moto: Ec2Server, monkeypatch: pytest.MonkeyPatch) -> Vpc:
+    for name, value in Ec2Server.environment().items():
         monkeypatch.setenv(name, value)
     ec2 = moto.client()
     vpc_id = ec2.create_vpc(CidrBlock="172.31.0.0/16")["Vpc"]["VpcId"]
@@ -142,7 +99,7 @@ def host(ip: str) -> HostInfo:
     return HostInfo(iface="eth0", iface_index=0, iface_mtu=9001, public_ip=IPv4Address(ip))
 
 
-def network(moto: Moto, vpc: Vpc, instance: str, ip: str, **options: Any) -> AwsVpcNetwork:
+def network(moto: Ec2Server, vpc: Vpc, instance: str, ip: str, **options: Any) -> AwsVpcNetwork:
     opts = AwsVpcOptions(region=REGION, endpoint_url=moto.url, instance_id=instance, **options)
     net = AwsVpcBackend(opts).prepare(config(), host(ip))
     assert isinstance(net, AwsVpcNetwork)
@@ -167,7 +124,7 @@ def others(leases: list[Lease], own: Lease) -> list[Lease]:
 # -- routes ------------------------------------------------------------------------------------
 
 
-def test_two_hosts_routes_created_replaced_removed_and_foreign_routes_left_alone(moto: Moto, vpc: Vpc) -> None:
+def test_two_hosts_routes_created_replaced_removed_and_foreign_routes_left_alone(moto: Ec2Server, vpc: Vpc) -> None:
     a_id, b_id, c_id = vpc.instances
     a, b = lease("10.213.1.0/24", "198.51.100.1", a_id), lease("10.213.2.0/24", "198.51.100.2", b_id)
     net_a = network(moto, vpc, a_id, "198.51.100.1")
@@ -193,7 +150,7 @@ def test_two_hosts_routes_created_replaced_removed_and_foreign_routes_left_alone
     assert vpc.foreign <= vpc.routes()  # igw default, outside route, squatter and aggregate untouched
 
 
-def test_three_hosts_converge_and_a_departed_host_is_cleaned_up_by_any_other(moto: Moto, vpc: Vpc) -> None:
+def test_three_hosts_converge_and_a_departed_host_is_cleaned_up_by_any_other(moto: Ec2Server, vpc: Vpc) -> None:
     ids = vpc.instances
     leases = [lease(f"10.213.{n + 1}.0/24", f"198.51.100.{n + 1}", ids[n]) for n in range(3)]
     nets = [network(moto, vpc, ids[n], f"198.51.100.{n + 1}") for n in range(3)]
@@ -213,7 +170,7 @@ def test_three_hosts_converge_and_a_departed_host_is_cleaned_up_by_any_other(mot
     assert vpc.foreign <= vpc.routes()
 
 
-def test_a_stale_route_to_this_host_is_left_to_the_others(moto: Moto, vpc: Vpc) -> None:
+def test_a_stale_route_to_this_host_is_left_to_the_others(moto: Ec2Server, vpc: Vpc) -> None:
     """Host A no longer sees its own old lease (the daemon skips it) while B still routes it to A:
     A must not delete it, or the two would flap the route on every pass."""
     a_id, b_id, _ = vpc.instances
@@ -229,7 +186,7 @@ def test_a_stale_route_to_this_host_is_left_to_the_others(moto: Moto, vpc: Vpc) 
 
 
 def test_a_foreign_route_squatting_a_leased_subnet_is_reported_once_and_left(
-    moto: Moto, vpc: Vpc, caplog: pytest.LogCaptureFixture
+    moto: Ec2Server, vpc: Vpc, caplog: pytest.LogCaptureFixture
 ) -> None:
     a_id, b_id, _ = vpc.instances
     a, squatted = lease("10.213.1.0/24", "198.51.100.1", a_id), lease("10.213.200.0/24", "198.51.100.2", b_id)
@@ -242,7 +199,7 @@ def test_a_foreign_route_squatting_a_leased_subnet_is_reported_once_and_left(
     assert len(warnings) == 1 and "10.213.200.0/24" in warnings[0]
 
 
-def test_source_dest_check_off_and_the_table_tagged(moto: Moto, vpc: Vpc) -> None:
+def test_source_dest_check_off_and_the_table_tagged(moto: Ec2Server, vpc: Vpc) -> None:
     a_id = vpc.instances[0]
     attr = vpc.ec2.describe_instance_attribute(InstanceId=a_id, Attribute="sourceDestCheck")
     assert attr["SourceDestCheck"]["Value"] is True
@@ -255,13 +212,13 @@ def test_source_dest_check_off_and_the_table_tagged(moto: Moto, vpc: Vpc) -> Non
     assert {"Key": "overlayd:10.213.0.0/16", "Value": "SubnetLen=24"} in tags
 
 
-def test_an_overlapping_network_already_using_the_table_is_refused(moto: Moto, vpc: Vpc) -> None:
+def test_an_overlapping_network_already_using_the_table_is_refused(moto: Ec2Server, vpc: Vpc) -> None:
     vpc.ec2.create_tags(Resources=[vpc.table_id], Tags=[{"Key": "overlayd:10.213.0.0/17", "Value": "SubnetLen=24"}])
     with pytest.raises(ConfigError, match=r"already used by the overlay network 10\.213\.0\.0/17"):
         network(moto, vpc, vpc.instances[0], "198.51.100.1")
 
 
-def test_teardown_removes_only_this_hosts_route(moto: Moto, vpc: Vpc) -> None:
+def test_teardown_removes_only_this_hosts_route(moto: Ec2Server, vpc: Vpc) -> None:
     a_id, b_id, _ = vpc.instances
     a, b = lease("10.213.1.0/24", "198.51.100.1", a_id), lease("10.213.2.0/24", "198.51.100.2", b_id)
     net_a = network(moto, vpc, a_id, "198.51.100.1")
@@ -280,14 +237,14 @@ def test_teardown_removes_only_this_hosts_route(moto: Moto, vpc: Vpc) -> None:
     ],
 )
 def test_unknown_instance_or_table_is_a_user_error(
-    moto: Moto, vpc: Vpc, options: dict[str, Any], fragment: str
+    moto: Ec2Server, vpc: Vpc, options: dict[str, Any], fragment: str
 ) -> None:
     opts = {"region": REGION, "endpoint_url": moto.url, "instance_id": vpc.instances[0], **options}
     with pytest.raises(ConfigError, match=fragment.replace(".", r"\.")):
         AwsVpcBackend(AwsVpcOptions(**opts)).prepare(config(), host("198.51.100.1"))
 
 
-def test_a_table_of_another_vpc_is_refused(moto: Moto, vpc: Vpc) -> None:
+def test_a_table_of_another_vpc_is_refused(moto: Ec2Server, vpc: Vpc) -> None:
     other_vpc = vpc.ec2.create_vpc(CidrBlock="172.30.0.0/16")["Vpc"]["VpcId"]
     other_table = vpc.ec2.create_route_table(VpcId=other_vpc)["RouteTable"]["RouteTableId"]
     with pytest.raises(ConfigError, match="not in this instance's"):
@@ -295,7 +252,7 @@ def test_a_table_of_another_vpc_is_refused(moto: Moto, vpc: Vpc) -> None:
 
 
 def test_route_limit_warned_before_it_is_hit_and_never_passed(
-    moto: Moto, vpc: Vpc, caplog: pytest.LogCaptureFixture
+    moto: Ec2Server, vpc: Vpc, caplog: pytest.LogCaptureFixture
 ) -> None:
     # the table holds 5 routes already (local + 4 foreign); limit 8: warn at 7 (80% is 6.4), refuse the 9th
     ids = vpc.instances
@@ -451,7 +408,7 @@ def test_imds_unreachable_is_a_quick_user_error() -> None:
 
 
 def test_prepare_learns_the_instance_id_and_region_from_imds(
-    moto: Moto, vpc: Vpc, monkeypatch: pytest.MonkeyPatch
+    moto: Ec2Server, vpc: Vpc, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     imds = Imds(vpc.instances[1])
     monkeypatch.setattr(aws_vpc, "IMDS_BASE_URL", imds.url)
@@ -466,7 +423,7 @@ def test_prepare_learns_the_instance_id_and_region_from_imds(
     assert ("GET", "/latest/meta-data/placement/region", "TOKEN-1") in imds.requests
 
 
-def test_no_imds_and_no_flag_names_the_flag(moto: Moto, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_no_imds_and_no_flag_names_the_flag(moto: Ec2Server, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(aws_vpc, "IMDS_BASE_URL", f"http://127.0.0.1:{free_port()}")
     with pytest.raises(ConfigError, match="pass --aws-vpc-instance-id"):
         AwsVpcBackend(AwsVpcOptions(region=REGION, endpoint_url=moto.url)).prepare(config(), host("198.51.100.2"))
