@@ -327,6 +327,8 @@ class AwsVpcNetwork(Network):
         self.audit_interval = audit_interval
         self.clock = clock
         self.own_subnet: IPv4Network | None = None
+        #: A planning-only network (dry runs): ``apply`` and ``teardown`` refuse to run.
+        self.offline = False
         self._views: dict[str, TableView] | None = None
         self._read_at = float("-inf")
         self._reported: set[tuple[str, IPv4Network, str]] = set()
@@ -412,7 +414,12 @@ class AwsVpcNetwork(Network):
 
     # -- writing -------------------------------------------------------------------------------
 
+    def refuse_offline(self, what: str) -> None:
+        if self.offline:
+            raise PermanentError(f"{what} called on a planning-only (dry run) network")
+
     def apply(self, plan: Plan[Any]) -> None:
+        self.refuse_offline("apply")
         if plan.empty:
             return
         views = self.read_tables()  # what other hosts did since our last read decides what is left
@@ -534,6 +541,7 @@ class AwsVpcNetwork(Network):
 
     def teardown(self) -> None:
         """Remove this host's own route (``--release-on-exit``: its lease is released too)."""
+        self.refuse_offline("teardown")
         if self.own_subnet is None:
             return
         views = self.read_tables()
@@ -570,10 +578,19 @@ class AwsVpcBackend(Backend):
         return session.client("ec2", endpoint_url=endpoint_url or None, config=config)
 
     def prepare(self, config: NetworkConfig, host: HostInfo) -> Network:
+        return self._network(config, host, None)
+
+    def offline(self, config: NetworkConfig, host: HostInfo, own: Lease) -> Network:
+        """A dry run's network: it reads the API (the instance, the tables) but writes nothing."""
+        return self._network(config, host, own)
+
+    def _network(self, config: NetworkConfig, host: HostInfo, own: Lease | None) -> AwsVpcNetwork:
         options: AwsVpcOptions = self.effective_options(config)
         if config.network is None:
             raise ConfigError("aws-vpc needs an IPv4 network (EnableIPv4)")
         instance_id = options.instance_id
+        if not instance_id and own is not None:
+            instance_id = str(own.attrs.backend_data.get("InstanceId") or "")
         if not instance_id:
             try:
                 instance_id = imds_get("instance-id")
@@ -593,8 +610,9 @@ class AwsVpcBackend(Backend):
         ec2 = Ec2(self.client(options.region, options.endpoint_url))
         instance = find_instance(ec2, instance_id)
         tables = find_tables(ec2, options.route_table_id, instance)
-        claim_tables(ec2, tables, config.network, config.subnet_len)
-        if instance.get("SourceDestCheck", True):
+        if own is None:
+            claim_tables(ec2, tables, config.network, config.subnet_len)
+        if own is None and instance.get("SourceDestCheck", True):
             ec2.call("ModifyInstanceAttribute", InstanceId=instance_id, SourceDestCheck={"Value": False})
             log.info("aws-vpc: source/destination check turned off on %s", instance_id)
         network = AwsVpcNetwork(
@@ -608,6 +626,10 @@ class AwsVpcBackend(Backend):
             audit_interval=options.audit_interval,
         )
         network.created = False  # nothing exists before the first pass: a failed start removes nothing
+        if own is not None:
+            network.offline = True
+            if own.subnet is not None:
+                network.own_subnet = own.subnet
         log.info("aws-vpc: instance %s, route tables %s", instance_id, ", ".join(network.tables))
         return network
 

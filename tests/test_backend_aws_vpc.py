@@ -25,7 +25,7 @@ import pytest
 from overlayd.backends import aws_vpc
 from overlayd.backends.aws_vpc import AwsVpcBackend, AwsVpcNetwork, AwsVpcOptions, Backoff, Ec2, VpcRoute
 from overlayd.config import NetworkConfig
-from overlayd.errors import ConfigError, TransientError, UserError
+from overlayd.errors import ConfigError, PermanentError, TransientError, UserError
 from overlayd.model import Lease, LeaseAttrs
 from overlayd.plan import diff
 from overlayd.plugin import HostInfo
@@ -216,6 +216,34 @@ def test_an_overlapping_network_already_using_the_table_is_refused(moto: Ec2Serv
     vpc.ec2.create_tags(Resources=[vpc.table_id], Tags=[{"Key": "overlayd:10.213.0.0/17", "Value": "SubnetLen=24"}])
     with pytest.raises(ConfigError, match=r"already used by the overlay network 10\.213\.0\.0/17"):
         network(moto, vpc, vpc.instances[0], "198.51.100.1")
+
+
+def test_races_with_other_hosts_count_as_done(moto: Ec2Server, vpc: Vpc) -> None:
+    """Another host created, deleted or re-pointed the route between our read and our write."""
+    a_id, b_id, _ = vpc.instances
+    net = network(moto, vpc, a_id, "198.51.100.1")
+    route = VpcRoute(vpc.table_id, IPv4Network("10.213.5.0/24"), b_id)
+    net._create(route)
+    net._create(route)  # RouteAlreadyExists
+    net._delete(route)
+    net._delete(route)  # InvalidRoute.NotFound
+    net._replace(route)  # gone: created instead
+    assert vpc.overlay_routes() == {"10.213.5.0/24": b_id}
+
+
+def test_a_dry_run_reads_the_table_and_writes_nothing(moto: Ec2Server, vpc: Vpc) -> None:
+    a_id, b_id, _ = vpc.instances
+    own, b = lease("10.213.1.0/24", "198.51.100.1", a_id), lease("10.213.2.0/24", "198.51.100.2", b_id)
+    backend = AwsVpcBackend(AwsVpcOptions(region=REGION, endpoint_url=moto.url))
+    net = backend.offline(config(), host("198.51.100.1"), own)  # the instance ID comes from the lease
+    assert isinstance(net, AwsVpcNetwork)
+    change = diff(net.desired_state(own, [b]), net.actual_state())
+    assert {str(r.destination) for r in change.add} == {"10.213.1.0/24", "10.213.2.0/24"}
+    with pytest.raises(PermanentError, match="dry run"):
+        net.apply(change)
+    assert vpc.overlay_routes() == {}
+    attr = vpc.ec2.describe_instance_attribute(InstanceId=a_id, Attribute="sourceDestCheck")
+    assert attr["SourceDestCheck"]["Value"] is True
 
 
 def test_teardown_removes_only_this_hosts_route(moto: Ec2Server, vpc: Vpc) -> None:

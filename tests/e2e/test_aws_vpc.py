@@ -4,9 +4,10 @@ server and a real etcd, all on loopback.
 aws-vpc programs no kernel state (its "kernel" is the VPC route table), so the daemons run in the
 root namespace side by side, each with its own instance ID, PublicIP (198.51.100.0/24, never
 contacted) and subnet file; ``--firewall none``.  The test checks the root namespace's routes and
-links are untouched, that the route table converges, that a departed host's route goes on the
-others' next pass, that the dummy credentials never reach a log, and that an unknown instance or
-route table stops the start-up with one line and exit code 2.
+links are untouched, that the route table converges, that a route deleted by hand comes back at
+the next audit, that a departed host's route goes on the others' next pass, that the dummy
+credentials never reach a log, and that an unknown instance or route table stops the start-up
+with one line and exit code 2.
 """
 
 from __future__ import annotations
@@ -127,6 +128,12 @@ def test_three_daemons_converge_on_the_route_table_and_clean_up_a_departed_host(
         )
         converged = time.monotonic() - started
         print(f"aws-vpc: 3 hosts' routes in the table {converged:.2f} s after the last subnet file")
+
+        # a route deleted by hand comes back at the next audit (--aws-vpc-audit-interval 2)
+        client.delete_route(RouteTableId=table, DestinationCidrBlock=str(subnets[1]))
+        started = time.monotonic()
+        assert wait_for(lambda: routes(client, table).get(str(subnets[1])) == instances[1]), routes(client, table)
+        print(f"aws-vpc: a route deleted by hand was back after {time.monotonic() - started:.2f} s")
 
         # host 2 dies without cleaning up; its lease is released by hand: the others delete its route
         procs[2].kill()
