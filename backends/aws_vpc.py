@@ -47,6 +47,7 @@ import re
 import time
 import urllib.error
 import urllib.request
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from ipaddress import IPv4Network, ip_network
 from typing import Any
@@ -152,10 +153,12 @@ class Ec2:
         self.backoff = backoff
         self.sleep = sleep
         self.throttled = 0  # calls answered with a throttling error, for tests and logs
+        self.calls: Counter[str] = Counter()  # requests sent, by action
 
     def call(self, action: str, **params: Any) -> dict[str, Any]:
         method = getattr(self.client, xform_name(action))
         for attempt in range(self.backoff.attempts):
+            self.calls[action] += 1
             try:
                 return dict(method(**params))
             except botocore.exceptions.ClientError as exc:
@@ -330,7 +333,7 @@ class AwsVpcNetwork(Network):
         #: A planning-only network (dry runs): ``apply`` and ``teardown`` refuse to run.
         self.offline = False
         self._views: dict[str, TableView] | None = None
-        self._read_at = float("-inf")
+        self._audit_due = float("-inf")
         self._reported: set[tuple[str, IPv4Network, str]] = set()
         self._warned_size: dict[str, int] = {}
 
@@ -397,7 +400,8 @@ class AwsVpcNetwork(Network):
             if not token:
                 break
             params["NextToken"] = token
-        self._views, self._read_at = views, self.clock()
+        # the next audit between 0.75 and 1.25 intervals from now: hosts started together drift apart
+        self._views, self._audit_due = views, self.clock() + self.audit_interval * (0.75 + random.random() / 2)
         for table_id, view in views.items():
             self._check_room(table_id, view.size)
         return views
@@ -406,9 +410,13 @@ class AwsVpcNetwork(Network):
         """A route to this instance for another subnet: a stale lease of ours the others clean up."""
         return route.instance_id == self.instance_id and route.destination != self.own_subnet
 
+    def queue_resync(self) -> None:
+        """Make the next ``actual_state`` read the tables again (felix's ``QueueResync``)."""
+        self._views = None
+
     def actual_state(self) -> frozenset[Any]:
         views = self._views
-        if views is None or self.clock() - self._read_at >= self.audit_interval:
+        if views is None or self.clock() >= self._audit_due:
             views = self.read_tables()
         return frozenset(route for view in views.values() for route in view.ours if not self._hidden(route))
 
@@ -464,7 +472,7 @@ class AwsVpcNetwork(Network):
                 done += 1
             except Ec2Error as exc:
                 failures.append(exc)
-        self._views = None  # read again next pass: our writes and other hosts' are both news
+        self.queue_resync()  # read again next pass: our writes and other hosts' are both news
         if failures:
             for other in failures[1:]:
                 log.warning("%s", other)
@@ -549,7 +557,7 @@ class AwsVpcNetwork(Network):
             route = VpcRoute(table_id, self.own_subnet, self.instance_id)
             if self._current(views.get(table_id), route) == route:
                 self._delete(route)
-        self._views = None
+        self.queue_resync()
 
 
 # -- the backend -------------------------------------------------------------------------------

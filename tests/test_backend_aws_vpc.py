@@ -136,7 +136,7 @@ def test_two_hosts_routes_created_replaced_removed_and_foreign_routes_left_alone
     assert vpc.overlay_routes() == {"10.213.1.0/24": a_id, "10.213.2.0/24": b_id}
     assert reconcile(net_b, b, [a]) == NOTHING  # B wants the same set: nothing left to do
     assert reconcile(net_a, a, [b]) == NOTHING  # a second pass is empty
-    net_a.audit_interval = 0
+    net_a.queue_resync()
     assert reconcile(net_a, a, [b]) == NOTHING  # ... also after a fresh read of the table
 
     # B's lease now names another instance: replaced in place
@@ -159,7 +159,7 @@ def test_three_hosts_converge_and_a_departed_host_is_cleaned_up_by_any_other(mot
     want = {f"10.213.{n + 1}.0/24": ids[n] for n in range(3)}
     assert vpc.overlay_routes() == want
     for net in nets:
-        net.audit_interval = 0
+        net.queue_resync()
     assert [reconcile(net, leases[n], others(leases, leases[n])) for n, net in enumerate(nets)] == [NOTHING] * 3
 
     # host 3 leaves: host 1 deletes its route; host 2, a moment later, finds nothing to do and no error
@@ -168,6 +168,27 @@ def test_three_hosts_converge_and_a_departed_host_is_cleaned_up_by_any_other(mot
     del want["10.213.3.0/24"]
     assert vpc.overlay_routes() == want
     assert vpc.foreign <= vpc.routes()
+
+
+def test_quiet_passes_cost_no_api_call_and_one_read_covers_every_table(moto: Ec2Server, vpc: Vpc) -> None:
+    a_id, b_id, _ = vpc.instances
+    second = vpc.ec2.create_route_table(VpcId=vpc.vpc_id)["RouteTable"]["RouteTableId"]
+    a, b = lease("10.213.1.0/24", "198.51.100.1", a_id), lease("10.213.2.0/24", "198.51.100.2", b_id)
+    net = network(moto, vpc, a_id, "198.51.100.1", route_table_id=(vpc.table_id, second))
+    assert reconcile(net, a, [b]) == (4, 0)
+    routes = vpc.ec2.describe_route_tables(RouteTableIds=[second])["RouteTables"][0]["Routes"]
+    assert {(r["DestinationCidrBlock"], r.get("InstanceId")) for r in routes} >= {
+        ("10.213.1.0/24", a_id),
+        ("10.213.2.0/24", b_id),
+    }
+    reconcile(net, a, [b])  # the read after our writes
+    before = sum(net.ec2.calls.values())
+    for _ in range(10):  # renewals, unrelated events: nothing changes, nothing is asked
+        assert reconcile(net, a, [b]) == NOTHING
+    assert sum(net.ec2.calls.values()) == before
+    net.queue_resync()
+    assert reconcile(net, a, [b]) == NOTHING
+    assert sum(net.ec2.calls.values()) == before + 1  # both tables in one DescribeRouteTables
 
 
 def test_a_stale_route_to_this_host_is_left_to_the_others(moto: Ec2Server, vpc: Vpc) -> None:
