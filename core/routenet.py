@@ -120,7 +120,7 @@ class RouteNetwork(Network):
             return
         with netlink.iproute() as ipr:
             self.before_apply(ipr)
-            netlink.apply_plan(ipr, plan)
+        netlink.apply_batch(plan)
 
     def before_apply(self, ipr: Any) -> None:
         """Hook run with the apply's netlink socket before the plan (vxlan recreates its device)."""
