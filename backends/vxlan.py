@@ -235,6 +235,9 @@ class VxlanNetwork(RouteNetwork):
     def mtu(self) -> int:
         return self.spec.mtu
 
+    def owned_device(self) -> str | None:
+        return self.device
+
     @property
     def backend_data(self) -> Mapping[str, Any]:
         return {"VNI": self.settings.vni, "VtepMAC": str(self.mac)}

@@ -222,6 +222,10 @@ class KernelCache:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def fileno_or_none(self) -> int | None:
+        """The notification socket's descriptor, or None before :meth:`open` (and after :meth:`close`)."""
+        return None if self._sock is None else self._sock.fileno()
+
     def fileno(self) -> int:
         """The notification socket, readable when :meth:`drain` has something to do."""
         assert self._sock is not None, "open() first"
