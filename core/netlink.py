@@ -674,14 +674,19 @@ def _requests(plan: Plan[Any]) -> Iterator[_Request | KernelError]:
     for obj in plan.add:
         if not isinstance(obj, Route | Neighbour | FdbEntry):
             raise TypeError(f"netlink.apply_batch cannot program {type(obj).__name__} objects")
+
+    def neigh_add(obj: Neighbour | FdbEntry) -> Callable[[], bytes]:
+        return lambda: _neigh_request(obj, index(obj.dev), True, 0)
+
+    def route_add(route: Route) -> Callable[[], bytes]:
+        return lambda: _route_request(route, index, 0)
+
     for neigh in ordered(plan.add, Neighbour):
-        yield add(f"setting neighbour {neigh}", None, lambda n=neigh: _neigh_request(n, index(n.dev), True, 0))
+        yield add(f"setting neighbour {neigh}", None, neigh_add(neigh))
     for entry in ordered(plan.add, FdbEntry):
-        yield add(
-            f"setting FDB entry {entry}", "VXLAN FDB entries", lambda e=entry: _neigh_request(e, index(e.dev), True, 0)
-        )
+        yield add(f"setting FDB entry {entry}", "VXLAN FDB entries", neigh_add(entry))
     for route in ordered(plan.add, Route):
-        yield add(f"setting route {route}", None, lambda r=route: _route_request(r, index, 0))
+        yield add(f"setting route {route}", None, route_add(route))
     removals = plan.removals()
     for route in ordered(removals, Route):
         yield _Request(f"deleting route {route}", DELETE_OK, None, _route_request(route, None, 0))
