@@ -332,6 +332,9 @@ class VxlanNetwork(RouteNetwork):
                 | netlink.read_fdb(ipr, self.device)
             )
 
+    def local_state_ok(self) -> bool:
+        return netlink.link_exists(self.device)
+
     def before_apply(self, ipr: Any) -> None:
         if netlink.get_link(ipr, self.device) is None:
             log.warning("VXLAN device %s is gone; recreating it with MAC %s", self.device, self.mac)

@@ -103,6 +103,7 @@ __all__ = [
     "iproute",
     "ipv4_interfaces",
     "kernel_error",
+    "link_exists",
     "link_index",
     "link_names",
     "open_iproute",
@@ -215,6 +216,15 @@ def link_index(ipr: IPRoute, name: str) -> int:
     if link is None:
         raise KernelError(f"network device {name!r} does not exist")
     return link.index
+
+
+def link_exists(name: str) -> bool:
+    """Does device *name* exist in the calling thread's namespace?  (One ioctl, no netlink socket.)"""
+    try:
+        socket.if_nametoindex(name)
+    except OSError:
+        return False
+    return True
 
 
 def link_names(ipr: IPRoute) -> dict[int, str]:

@@ -236,7 +236,7 @@ def test_lost_store_history_relists_and_misses_nothing(
         wait_for(lambda: host.programmed([1, 2, 3]), 5, "three peers")
         listings = host.daemon.lease_cache.listings  # type: ignore[union-attr]
         hold.set()
-        time.sleep(0.6)
+        time.sleep(1.5)  # a real wait that began before the hold has returned by now
         gone = next(lease for lease in writer.list_leases().leases if lease.subnet == peer(2).subnet)
         writer.delete_lease(gone)
         for i in range(10, 20):
@@ -250,7 +250,7 @@ def test_lost_store_history_relists_and_misses_nothing(
             writer.delete_lease(lease)
         assert not host.programmed([1, 3, *range(10, 20)])
         hold.clear()
-        wait_for(lambda: host.programmed([1, 3, *range(10, 20)]), 3, "everything after the re-list")
+        wait_for(lambda: host.programmed([1, 3, *range(10, 20)]), 5, "everything after the re-list")
         assert host.daemon.lease_cache.listings > listings  # type: ignore[union-attr]
         fdb = {e["mac"]: e["dst"] for e in bridge_json(host.ns, "fdb", "show", "dev", DEV) if e.get("dst")}
         assert fdb.get("02:00:00:00:09:99") == "198.51.100.3"
