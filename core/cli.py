@@ -82,6 +82,17 @@ def _click_type(field: attrs.Attribute[Any], annotation: Any) -> tuple[Any, bool
     return click.STRING, False
 
 
+class _PluginOption(click.Option):
+    """A plugin option: unset means "the plugin's default", which help shows as a plain value
+    (click puts a string ``show_default`` in parentheses, as if it were a description)."""
+
+    def get_help_extra(self, ctx: click.Context) -> Any:
+        extra = super().get_help_extra(ctx)
+        if isinstance(self.show_default, str) and extra.get("default") == f"({self.show_default})":
+            extra["default"] = self.show_default
+        return extra
+
+
 def plugin_params(cls: type[Plugin], plugin_name: str) -> list[click.Option]:
     """Click options for every field of the plugin's Options class."""
     hints = typing.get_type_hints(cls.Options)
@@ -98,7 +109,7 @@ def plugin_params(cls: type[Plugin], plugin_name: str) -> list[click.Option]:
         help_text = str(field.metadata.get("help", ""))
         decls = [f"--{flag}/--no-{flag}"] if is_flag else [f"--{flag}"]
         params.append(
-            click.Option(
+            _PluginOption(
                 [*decls, f"{_ident(plugin_name)}_{field.name}"],
                 type=kind,
                 default=None,
