@@ -190,7 +190,9 @@ def backend_options_in_force(settings: DaemonSettings, backend: str) -> dict[str
 class Daemon:
     def __init__(self, settings: DaemonSettings, *, store: Store | None = None, backend: Backend | None = None) -> None:
         self.settings = settings
-        self.status = DaemonStatus(resync_period=settings.resync_period)
+        # passes run at least every UNCACHED_RESYNC_CAP seconds (the cached loop: every wait slice),
+        # so liveness is judged against that, not against the (minutes-long) audit period
+        self.status = DaemonStatus(resync_period=min(settings.resync_period, UNCACHED_RESYNC_CAP))
         self._store = store
         self._backend = backend
         self._owns_store = store is None
@@ -481,6 +483,7 @@ class Daemon:
                     if kernel.needs_resync:
                         kernel.resync()
                     rec.run()
+                    self.status.last_reconcile = time.monotonic()
             except OverlaydError as exc:
                 log.warning("reconcile from the last desired state failed: %s", exc)
             remaining = deadline - time.monotonic()
