@@ -404,7 +404,8 @@ class Daemon:
         next_audit = float("-inf")
         while not stop.is_set():
             try:
-                if kernel.fileno_or_none() is None:
+                fresh = kernel.fileno_or_none() is None
+                if fresh:
                     kernel.open()  # subscribes, then reads the kernel fully
                     built_for = None
                 audit = time.monotonic() >= next_audit
@@ -422,7 +423,8 @@ class Daemon:
                 if audit or kernel.needs_resync:
                     if not audit:
                         log.info("netlink notifications were lost; re-reading the kernel and diffing everything")
-                    kernel.resync()
+                    if not fresh or kernel.needs_resync:  # open() has just read it
+                        kernel.resync()
                     audit = True
                     next_audit = time.monotonic() + self.settings.resync_period
                 own = (self.lease.key, self.lease.subnet, self.lease.attrs)
