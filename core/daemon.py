@@ -428,10 +428,13 @@ class Daemon:
                     audit = True
                     next_audit = time.monotonic() + self.settings.resync_period
                 own = (self.lease.key, self.lease.subnet, self.lease.attrs)
-                full = audit or built_for != own
+                rebuild = built_for != own  # our lease or host changed: every peer's objects may differ
+                full = audit or rebuild
                 keys = leases.take_changes()
+                # the audit re-checks every lease's validity too; the peers whose valid lease
+                # differs (a re-list reports what changed) get their objects recomputed
                 changed = self._update_valid_peers(leases.leases, None if full else keys)
-                if full:
+                if rebuild:
                     rec.rebuild({key: self._peer_objects(lease) for key, lease in self.valid_peer_leases.items()})
                     built_for = own
                 else:
