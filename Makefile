@@ -36,12 +36,14 @@ lint: venv
 	$(VENV)/bin/ruff format --check core backends stores tests examples bench
 	@rm -rf build/lint-imports
 	@$(PY) -m pip install -q --no-deps --no-compile --target build/lint-imports . >/dev/null
+	@rm -rf overlayd.egg-info  # the build's metadata would shadow the installed entry points
 	cd build/lint-imports && ../../$(VENV)/bin/lint-imports --no-cache ../../pyproject.toml
 
 # mypy cannot follow the editable install's package-dir mapping, so it checks a plain copy.
 typecheck: venv
 	@rm -rf build/typecheck
 	@$(PY) -m pip install -q --no-deps --no-compile --target build/typecheck . >/dev/null
+	@rm -rf overlayd.egg-info
 	cd build/typecheck && ../../$(VENV)/bin/mypy --strict --config-file ../../pyproject.toml -p overlayd
 	cd build/typecheck && ../../$(VENV)/bin/mypy --strict --config-file ../../pyproject.toml ../../tests/typing/public_api.py
 

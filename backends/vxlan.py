@@ -359,6 +359,11 @@ class VxlanBackend(Backend):
         data = lease.attrs.backend_data or {}
         return {"VtepMAC": str(data.get("VtepMAC") or "-")}
 
+    @classmethod
+    def probe_address(cls, lease: Lease) -> IPv4Address | None:
+        """The peer's VTEP address ``<subnet>.0``: answering it needs the tunnel, nothing else."""
+        return vtep_address(lease.subnet) if lease.subnet is not None else None
+
     def _spec(self, config: NetworkConfig, host: HostInfo) -> tuple[VxlanSettings, DeviceSpec]:
         settings = VxlanSettings.validated(self.effective_options(config))
         local = host.iface_addr or host.public_ip or host.public_ipv6

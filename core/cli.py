@@ -29,7 +29,7 @@ import types
 import typing
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
 from ipaddress import IPv4Address, IPv4Network
 from typing import Any
@@ -38,6 +38,8 @@ import attrs
 import click
 import cloup
 
+from . import check as checks
+from . import logformat
 from .api import (
     backend_class,
     installed_plugin_names,
@@ -51,9 +53,10 @@ from .daemon import DaemonSettings
 from .daemon import run as run_daemon
 from .demo import demo_command
 from .errors import OverlaydError, UserError
-from .model import Lease
+from .model import Lease, LeaseList
 from .peers import public_ip_problem
 from .plugin import Backend, Plugin, Store
+from .subnetfile import docker_env_file, docker_options, load_subnet_file, write_subnet_file
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +99,7 @@ class _PluginOption(click.Option):
 def plugin_params(cls: type[Plugin], plugin_name: str) -> list[click.Option]:
     """Click options for every field of the plugin's Options class."""
     hints = typing.get_type_hints(cls.Options)
-    params = []
+    params: list[click.Option] = []
     for field in attrs.fields(cls.Options):
         flag = f"{plugin_name}-{field.name.replace('_', '-')}"
         kind, is_flag = _click_type(field, hints.get(field.name, str))
@@ -179,7 +182,7 @@ def _cidr(ctx: click.Context, param: click.Parameter, value: str | None) -> IPv4
 
 
 #: Commands that need no plugin flag: they run without importing any plugin.
-LIGHT_COMMANDS = frozenset({"status", "demo"})
+LIGHT_COMMANDS = frozenset({"status", "demo", "docker-opts"})
 
 CORE_OPTIONS = cloup.OptionGroup("Core options")
 
@@ -274,6 +277,18 @@ def _global_options(f: Callable[..., Any]) -> Callable[..., Any]:
             "between cost only what changed; backends without a kernel cache do a full pass at least every 10 s).",
         ),
         click.option(
+            "--probe-interval",
+            type=click.FloatRange(0),
+            default=0.0,
+            show_default=True,
+            help="Seconds between pings of every peer's overlay address, exported as metrics (0: off).",
+        ),
+        click.option(
+            "--probe-per-peer/--no-probe-per-peer",
+            default=False,
+            help="With --probe-interval, export overlayd_peer_reachable per peer (one series per peer).",
+        ),
+        click.option(
             "--release-on-exit/--keep-on-exit",
             default=False,
             help="On SIGTERM, give the lease back and remove kernel state.",
@@ -284,6 +299,13 @@ def _global_options(f: Callable[..., Any]) -> Callable[..., Any]:
             default="info",
             show_default=True,
             help="Log verbosity.",
+        ),
+        click.option(
+            "--log-format",
+            type=click.Choice(["text", "json"]),
+            default="text",
+            show_default=True,
+            help="Log lines as text, or as one JSON object per line (time, level, logger, message, fields).",
         ),
     ]
     for option in reversed(options):
@@ -307,11 +329,7 @@ def cli(ctx: click.Context, /, **params: Any) -> None:
     With no command, runs the daemon (same as 'overlayd run').
     """
     ctx.obj = params
-    logging.basicConfig(
-        level=getattr(logging, str(params["log_level"]).upper()),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+    logformat.configure(str(params["log_level"]), str(params["log_format"]), sys.stderr)
     if ctx.invoked_subcommand is None:
         ctx.invoke(run)
 
@@ -364,6 +382,8 @@ def settings_from_params(params: dict[str, Any]) -> DaemonSettings:
         healthz_port=params["healthz_port"],
         resync_period=params["resync_period"],
         release_on_exit=params["release_on_exit"],
+        probe_interval=params["probe_interval"],
+        probe_per_peer=params["probe_per_peer"],
     )
 
 
@@ -463,13 +483,49 @@ def _expires_in(lease: Lease) -> str:
 
 @cli.command()
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-def leases(as_json: bool) -> None:
+@click.option("--watch", is_flag=True, help="After the table, print every change until interrupted.")
+def leases(as_json: bool, watch: bool) -> None:
     """List every lease and reservation."""
+    if watch:
+        _watch_leases(as_json)
+        return
     with _opened_store() as store:
         snapshot = store.list_leases()
-    rows = sorted(snapshot.leases, key=lambda x: (x.subnet is None, x.subnet or IPv4Network("0.0.0.0/0")))
+    _lease_table(snapshot.leases, snapshot.revision, as_json)
+
+
+def _watch_leases(as_json: bool) -> None:
+    """The table (or one JSON snapshot line), then one line per change (``Store.watch_leases``)."""
+    stop = threading.Event()
+    for signum in (signal.SIGTERM, signal.SIGINT):  # Ctrl-C is how a watch ends: exit 0
+        signal.signal(signum, lambda signum, frame: stop.set())
+    describe = _describer()
+    with _opened_store() as store:
+        for item in store.watch_leases(stop):
+            if isinstance(item, LeaseList):
+                if as_json:
+                    rows = [lease_row(x) for x in item.leases]
+                    click.echo(json.dumps({"event": "snapshot", "revision": item.revision, "leases": rows}))
+                else:
+                    _lease_table(item.leases, item.revision, False)
+                    click.echo(f"-- watching from revision {item.revision} (Ctrl-C to stop)")
+                continue
+            lease = item.lease
+            if as_json:
+                doc = {"event": item.kind.name.lower(), "subnet": str(item.subnet), "revision": item.revision,
+                       "lease": lease_row(lease) if lease is not None else None}  # fmt: skip
+                click.echo(json.dumps(doc))
+            else:
+                who = f" {lease.attrs.public_ip}" if lease is not None else ""
+                extra = "".join(f" {k}={v}" for k, v in describe(lease).items()) if lease is not None else ""
+                click.echo(f"{item.kind.name:<8} {item.subnet}{who}{extra} (revision {item.revision})")
+            sys.stdout.flush()
+
+
+def _lease_table(found: Sequence[Lease], revision: int, as_json: bool) -> None:
+    rows = sorted(found, key=lambda x: (x.subnet is None, x.subnet or IPv4Network("0.0.0.0/0")))
     if as_json:
-        click.echo(json.dumps({"revision": snapshot.revision, "leases": [lease_row(x) for x in rows]}, indent=2))
+        click.echo(json.dumps({"revision": revision, "leases": [lease_row(x) for x in rows]}, indent=2))
         return
     describe = _describer()
     details = [describe(lease) for lease in rows]
@@ -580,6 +636,12 @@ def status(as_json: bool) -> None:
         raise OverlaydError(f"no overlayd daemon answers on {base} ({exc})") from exc
     ready = _probe(f"{base}/readyz")
     doc["ready"] = ready
+    try:
+        with urllib.request.urlopen(f"{base}/metrics", timeout=5) as response:
+            figures = status_figures(response.read().decode())
+    except (OSError, ValueError) as exc:
+        raise OverlaydError(f"the overlayd daemon on {base} serves no metrics ({exc})") from exc
+    doc["metrics"] = figures
     if as_json:
         click.echo(json.dumps(doc, indent=2))
         return
@@ -589,6 +651,41 @@ def status(as_json: bool) -> None:
     click.echo(f"store healthy:    {doc['store_healthy']}")
     if doc.get("last_error"):
         click.echo(f"last error:       {doc['last_error']}")
+    click.echo("")
+    rows = [("METRIC", "LABELS", "VALUE")]
+    for name, samples in figures.items():
+        for labels, value in samples:
+            rows.append((name, labels or "-", _figure(value)))
+    widths = [max(len(row[i]) for row in rows) for i in range(2)]
+    for row in rows:
+        click.echo(f"{row[0].ljust(widths[0])}  {row[1].ljust(widths[1])}  {row[2]}")
+
+
+#: Histogram series ``status`` leaves out (the _count and _sum say enough for people).
+_HIDDEN_SUFFIXES = ("_bucket", "_created")
+
+
+def status_figures(text: str) -> dict[str, list[tuple[str, float]]]:
+    """The daemon's /metrics as ``{sample name: [(labels, value)]}``, parsed with prometheus_client's
+    own parser; histogram buckets and creation timestamps are left out."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    out: dict[str, list[tuple[str, float]]] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name.endswith(_HIDDEN_SUFFIXES) or not sample.name.startswith("overlayd_"):
+                continue
+            labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()))
+            out.setdefault(sample.name, []).append((labels, sample.value))
+    return out
+
+
+def _figure(value: float) -> str:
+    if value != value or value in (float("inf"), float("-inf")):
+        return str(value)
+    if value == int(value) or abs(value) >= 1e6:
+        return f"{value:.0f}"
+    return f"{value:.6g}"
 
 
 def _probe(url: str) -> str:
@@ -597,6 +694,61 @@ def _probe(url: str) -> str:
             return str(response.read().decode().strip())
     except urllib.error.HTTPError as exc:
         return f"no: {exc.read().decode().strip()}"
+
+
+@cli.command("docker-opts")
+@click.option(
+    "-d",
+    "--dest",
+    type=click.Path(dir_okay=False),
+    help="Write DOCKER_OPTS=/DOCKER_NETWORK_OPTIONS= env-file lines to this file instead of printing the flags.",
+)
+def docker_opts(dest: str | None) -> None:
+    """Docker daemon options (--bip, --mtu, --ip-masq) from the subnet file, like mk-docker-opts.sh."""
+    path = _params()["subnet_file"]
+    try:
+        subnet = load_subnet_file(path)
+    except UserError as exc:
+        raise UserError(f"--subnet-file {exc}") from exc
+    if subnet is None:
+        raise OverlaydError(
+            f"overlayd has no lease yet: {path} does not exist; is the overlayd daemon running on this host? "
+            "Check it with 'overlayd status' (or pass the daemon's --subnet-file)"
+        )
+    opts = docker_options(subnet)
+    if dest is None:
+        click.echo(" ".join(opts))
+        return
+    try:
+        write_subnet_file(dest, docker_env_file(opts))
+    except OSError as exc:
+        raise UserError(f"-d {dest}: cannot write it ({exc.strerror})") from exc
+
+
+# -- check -------------------------------------------------------------------------------------
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--count", type=click.IntRange(1, 20), default=3, show_default=True, help="Echo requests per probe.")
+@click.option(
+    "--timeout", type=click.FloatRange(0.1, 30), default=1.0, show_default=True, help="Seconds to wait for a reply."
+)
+def check(as_json: bool, count: int, timeout: float) -> None:
+    """Probe every peer over the overlay and the underlay, compare the kernel with the leases and
+    say what is wrong; exit code 1 when any peer fails.
+
+    Run it on a host where overlayd runs, with the same store, --iface and --subnet-file options.
+    """
+    result = checks.run_check(settings_from_params(_params()), count=count, timeout=timeout)
+    if as_json:
+        click.echo(json.dumps(result.as_dict(), indent=2))
+    else:
+        for line in checks.table(result):
+            click.echo(line)
+    failed = result.failed
+    if failed:
+        raise OverlaydError(f"{len(failed)} of {len(result.peers)} peer(s) failed the check")
 
 
 # -- plugins -----------------------------------------------------------------------------------

@@ -41,6 +41,7 @@ import select
 import threading
 import time
 from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from ipaddress import IPv4Network
 from typing import Any
@@ -55,9 +56,11 @@ from .hostiface import select_host
 from .incremental import Reconciler
 from .kernelcache import KernelCache
 from .leasecache import LeaseCache
+from .metrics import Metrics, drifted
 from .model import Lease, LeaseAttrs, LeaseList
 from .peers import invalid_reason, public_ip_problem, resolve_claims, valid_peers
 from .plugin import Backend, HostInfo, Network, Store
+from .probe import ping
 from .subnetfile import SubnetFile, check_writable, previous_subnet, read_bounded, write_subnet_file
 
 log = logging.getLogger(__name__)
@@ -93,6 +96,10 @@ class DaemonSettings:
     healthz_port: int = 0
     resync_period: float = DEFAULT_RESYNC_PERIOD
     release_on_exit: bool = False
+    #: Seconds between ICMP probes of every peer's overlay address (0: off); see ``Prober``.
+    probe_interval: float = 0.0
+    #: Export ``overlayd_peer_reachable{peer=...}``: one series per peer, so off by default.
+    probe_per_peer: bool = False
 
 
 TRIM_AFTER = 500  # a pass that changed this many peers returns freed heap to the system afterwards
@@ -208,12 +215,19 @@ class Daemon:
         self._candidates: dict[str, Lease] = {}  # leases that passed the per-lease checks
         self._claimants: dict[tuple[str, str], set[str]] = {}  # exclusive claim -> candidate keys
         self._claims_of: dict[str, frozenset[tuple[str, str]]] = {}
+        self._skipped_by_key: dict[str, str] = {}  # why each invalid lease is skipped (metrics)
         #: The caches of the cached loop (None in the un-cached loop); for tests and benches.
         self.lease_cache: LeaseCache | None = None
         self.kernel_cache: KernelCache | None = None
         self._reported: set[tuple[str, int]] = set()
         self._subnet_file_text: str | None = None  # what this daemon last wrote there
         self._health: HealthServer | None = None
+        #: Prometheus metrics of this daemon (its own registry); recorded at the "# metrics:" lines.
+        self.metrics = Metrics()
+        self._desired: frozenset[Any] | None = None  # the previous pass's desired state (drift)
+        self._skipped: list[str] = []  # reasons for the leases skipped by the current pass
+        self._probe_targets: dict[str, Any] = {}  # peer subnet -> overlay address (--probe-interval)
+        self._probe_address: Any = None  # the backend's probe_address (classmethod)
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -223,6 +237,8 @@ class Daemon:
             self._start_health()
             if not self.start(stop):
                 return
+            if self.settings.probe_interval > 0:
+                threading.Thread(target=self._probe_loop, args=(stop,), name="overlayd-probe", daemon=True).start()
             self.loop(stop)
             if self.settings.release_on_exit:
                 self.release()
@@ -239,6 +255,7 @@ class Daemon:
         while True:
             try:
                 store = self.store
+                self.metrics.store_source = self._garbled_skipped  # metrics: read at scrape time
                 self.config = resolve_network_config(store, settings.network, settings.backend, settings.subnet_len)
                 break
             except TransientError as exc:
@@ -254,6 +271,8 @@ class Daemon:
             self.config.backend_type, backend_options_in_force(settings, self.config.backend_type)
         )
         self.network = backend.prepare(self.config, self.host)
+        self.metrics.counters_source = self.network.counters  # metrics: forwarder counters at scrape time
+        self._probe_address = type(backend).probe_address
         try:
             lease = self._acquire_until_done(stop)
             if lease is None:
@@ -300,6 +319,7 @@ class Daemon:
         )
         lease = self.store.acquire_lease(self.config, lease_attrs, prefer=prefer)
         self.status.store_healthy = True
+        self.metrics.store_up(True)  # metrics
         return lease
 
     def _adopt(self, lease: Lease) -> None:
@@ -309,10 +329,12 @@ class Daemon:
         self.lease = lease
         self.status.lease_subnet = str(lease.subnet)
         self.status.lease_expiration = lease.expiration.isoformat() if lease.expiration else None
+        self.metrics.lease(lease.expiration)  # metrics
         if changed:
             self.network.activate(lease)
             self._subnet_file_text = None  # whatever is there now was for another subnet
             self._keep_subnet_file()
+            self.store.mark_ready(lease)
 
     def _desired_subnet_file(self) -> str:
         assert self.config and self.network and self.lease
@@ -364,6 +386,9 @@ class Daemon:
             self._store.close()
             self._store = None
 
+    def _garbled_skipped(self) -> int:
+        return self._store.garbled_skipped if self._store is not None else 0
+
     @property
     def store(self) -> Store:
         if self._store is None:
@@ -372,7 +397,9 @@ class Daemon:
 
     def _start_health(self) -> None:
         if self.settings.healthz_port:
-            self._health = HealthServer(self.settings.healthz_ip, self.settings.healthz_port, lambda: self.status)
+            self._health = HealthServer(
+                self.settings.healthz_ip, self.settings.healthz_port, lambda: self.status, metrics=self.metrics
+            )
             self._health.start()
 
     # -- the loop ----------------------------------------------------------------------------
@@ -402,6 +429,7 @@ class Daemon:
         backoff = Backoff()
         built_for: Any = None  # (key, subnet, attrs) of the own lease the desired index was built for
         next_audit = float("-inf")
+        listings = 0
         while not stop.is_set():
             try:
                 fresh = kernel.fileno_or_none() is None
@@ -417,6 +445,10 @@ class Daemon:
                     leases.poll(0.0)
                 polled = time.monotonic()
                 self.status.store_healthy = True
+                self.metrics.store_up(True)  # metrics
+                if leases.listings > listings and not audit:
+                    self.metrics.relisted()  # metrics: lost history (or a reconnect) made the cache list again
+                listings = leases.listings
                 self._keep_lease_cached(leases)
                 assert self.lease is not None
                 kernel.drain()
@@ -434,12 +466,20 @@ class Daemon:
                 # the audit re-checks every lease's validity too; the peers whose valid lease
                 # differs (a re-list reports what changed) get their objects recomputed
                 changed = self._update_valid_peers(leases.leases, None if full else keys)
+                peer_slots: frozenset[Any] | None = None  # None: every slot may have a new desired content
                 if rebuild:
                     rec.rebuild({key: self._peer_objects(lease) for key, lease in self.valid_peer_leases.items()})
                     built_for = own
                 else:
-                    rec.set_peers({key: self._peer_objects(self.valid_peer_leases.get(key)) for key in changed})
-                change = rec.run(full=full)
+                    peer_slots = rec.set_peers(
+                        {key: self._peer_objects(self.valid_peer_leases.get(key)) for key in changed}
+                    )
+                try:
+                    change = rec.run(full=full)
+                except OverlaydError:
+                    self.metrics.pass_failed()  # metrics
+                    raise
+                self._pass_metrics(leases, kernel, rec, change, peer_slots, changed, audit, polled)
                 self._keep_subnet_file()
                 # ---- FIREWALL HOOK (host-level state over the whole peer set) --------------------
                 # The firewall step goes here, once per pass, e.g.
@@ -447,8 +487,6 @@ class Daemon:
                 # bool(changed): the valid-peer set changed in this pass; audit: this is an audit pass
                 # (refresh everything).  Peers are self.valid_peer_leases (by key).
                 # -----------------------------------------------------------------------------------
-                if not change.empty:
-                    log.info("reconciled: %d added or replaced, %d removed", len(change.add), len(change.removals()))
                 if audit or len(changed) >= TRIM_AFTER:
                     _trim_heap()
                 if audit:
@@ -466,13 +504,63 @@ class Daemon:
             except TransientError as exc:
                 self._note_error(exc)
                 self.status.store_healthy = False
+                self.metrics.store_up(False)  # metrics
+                self.metrics.watch_restarted()  # metrics: the cache lists and watches afresh
                 self._enforce_while_waiting(kernel, rec, backoff.next(), stop, enforce=leases.listings > 0)
             except OverlaydError as exc:
                 # e.g. the kernel refused one change: keep running, the next pass retries those slots
                 self._note_error(exc)
                 if isinstance(exc, StoreCorrupted):
                     self.status.store_healthy = False
+                    self.metrics.store_up(False)  # metrics
                 stop.wait(backoff.next())
+
+    _tally_at = float("-inf")  # when the kernel-entry gauges were last counted
+    _tally_due = True
+
+    def _pass_metrics(
+        self,
+        leases: LeaseCache,
+        kernel: KernelCache,
+        rec: Reconciler[Any],
+        change: plan.Plan[Any],
+        peer_slots: frozenset[Any] | None,
+        changed: set[str],
+        audit: bool,
+        started: float,
+    ) -> None:
+        """The cached pass's metrics and log line, at a cost that does not grow with N except
+        where the figure itself is a count over everything (at most once a second)."""
+        assert self.lease is not None
+        removals = change.removals()
+        if not change.empty:
+            # drift: what a pass repairs in slots no lease change touched (a rebuild counts none)
+            repaired: list[Any] = []
+            if peer_slots is not None:
+                repaired = [obj for obj in change.add if obj.key not in peer_slots]
+                repaired.extend(
+                    obj for obj in removals if obj.key not in peer_slots and not rec.desired.objects_in([obj.key])
+                )
+            self.metrics.drift_repaired(repaired)  # metrics
+            log.info(
+                "reconciled: %d added or replaced, %d removed",
+                len(change.add),
+                len(removals),
+                extra={"added": len(change.add), "removed": len(removals), "drift": len(repaired)},
+            )
+            self._tally_due = True
+        now = time.monotonic()
+        if audit or (self._tally_due and change.empty and now - self._tally_at >= 1.0):
+            # metrics: counted from the cache once our own changes have come back as notifications
+            self.metrics.kernel_entries(kernel.objects())
+            self._tally_at, self._tally_due = now, False
+        if changed or audit or not change.empty:
+            known = len(leases.leases) - (self.lease.key in leases.leases)
+            self.metrics.peers(known, len(self.valid_peer_leases), self._skipped_by_key.values())  # metrics
+            if self.settings.probe_interval > 0 and self._probe_address is not None:
+                targets = {str(p.subnet): self._probe_address(p) for p in self.valid_peer_leases.values()}
+                self._probe_targets = {subnet: address for subnet, address in targets.items() if address is not None}
+        self.metrics.pass_done(time.monotonic() - started, len(change.add), len(removals))  # metrics
 
     def _enforce_while_waiting(
         self, kernel: KernelCache, rec: Reconciler[Any], seconds: float, stop: threading.Event, *, enforce: bool
@@ -528,7 +616,7 @@ class Daemon:
         host = self.host
         addresses = (host.public_ip, host.iface_addr, host.public_ipv6) if host is not None else ()
         if keys is None:
-            self._candidates, self._claimants, self._claims_of = {}, {}, {}
+            self._candidates, self._claimants, self._claims_of, self._skipped_by_key = {}, {}, {}, {}
             todo: set[str] = set(leases) | set(self.valid_peer_leases)
         else:
             todo = set(keys)
@@ -542,12 +630,14 @@ class Daemon:
                     if not holders:
                         del self._claimants[claim]
             self._candidates.pop(key, None)
+            self._skipped_by_key.pop(key, None)
             lease = leases.get(key)
             if lease is None or key == own.key or (lease.is_reservation and not lease.attrs.backend_type):
                 continue
             reason = invalid_reason(self.config, self.network, own, lease, addresses)
             if reason is not None:
                 self._report_invalid(key, lease.revision, reason)
+                self._skipped_by_key[key] = reason
                 continue
             self._candidates[key] = lease
             claims = self.network.exclusive_claims(lease)
@@ -569,9 +659,12 @@ class Daemon:
                     group.add(key)
                     frontier.extend(self._claims_of.get(key, ()))
         winners, losers = resolve_claims(own, [self._candidates[key] for key in group], self.network.exclusive_claims)
+        won = {lease.key: lease for lease in winners}
+        for key in group:
+            self._skipped_by_key.pop(key, None)
         for lease, reason in losers:
             self._report_invalid(lease.key, lease.revision, reason)
-        won = {lease.key: lease for lease in winners}
+            self._skipped_by_key[lease.key] = reason
         changed: set[str] = set()
         for key in todo | group:
             old, new = self.valid_peer_leases.get(key), won.get(key)
@@ -594,6 +687,7 @@ class Daemon:
                 listed = time.monotonic()
                 self._snapshot = snapshot
                 self.status.store_healthy = True
+                self.metrics.store_up(True)  # metrics
                 self._keep_lease(snapshot)
                 self.reconcile(snapshot)
                 self._keep_subnet_file()
@@ -606,10 +700,13 @@ class Daemon:
                 backoff.reset()
                 self._wait_for_change(snapshot.revision, stop)
             except HistoryGone:
+                self.metrics.relisted()  # metrics: the next pass lists every lease again
                 continue
             except TransientError as exc:
                 self._note_error(exc)
                 self.status.store_healthy = False
+                self.metrics.store_up(False)  # metrics
+                self.metrics.watch_restarted()  # metrics: the next pass lists and watches afresh
                 if self._snapshot is not None:
                     self._reconcile_quietly(self._snapshot)
                 stop.wait(backoff.next())
@@ -618,7 +715,23 @@ class Daemon:
                 self._note_error(exc)
                 if isinstance(exc, StoreCorrupted):  # the datapath stays; status shows the store is not fine
                     self.status.store_healthy = False
+                    self.metrics.store_up(False)  # metrics
                 stop.wait(backoff.next())
+
+    def _probe_loop(self, stop: threading.Event) -> None:
+        """``--probe-interval``: ping every programmed peer's overlay address, all at once, and
+        export how many answered (and, with ``--probe-per-peer``, which).  Its own thread, so a
+        dead peer's timeout never delays a reconcile pass; it reads only the target list the
+        last pass left."""
+        with ThreadPoolExecutor(max_workers=32, thread_name_prefix="overlayd-probe") as pool:
+            while not stop.wait(self.settings.probe_interval):
+                targets = dict(self._probe_targets)
+                answers = dict(zip(targets, pool.map(lambda ip: ping(ip, count=1, timeout=1.0).ok, targets.values()),
+                                   strict=True))  # fmt: skip
+                self.metrics.peers_reachable(sum(answers.values()))  # metrics
+                if self.settings.probe_per_peer:
+                    self.metrics.peer_reachable(answers)  # metrics
+                log.debug("probe: %d of %d peers answered", sum(answers.values()), len(answers))
 
     def _wait_for_change(self, revision: int, stop: threading.Event) -> None:
         deadline = time.monotonic() + min(self.settings.resync_period, UNCACHED_RESYNC_CAP)
@@ -660,6 +773,7 @@ class Daemon:
                 self._last_renewal = time.monotonic()
                 self.lease = self.store.renew_lease(current)
                 self.status.lease_expiration = self.lease.expiration.isoformat() if self.lease.expiration else None
+                self.metrics.lease(self.lease.expiration)  # metrics
                 log.debug("renewed lease %s until %s", self.lease.subnet, self.lease.expiration)
             except LeaseLost:
                 self._reacquire()
@@ -673,16 +787,39 @@ class Daemon:
     def reconcile(self, snapshot: LeaseList) -> plan.Plan[Any]:
         """One pass: desired (from *snapshot*) versus actual (from the kernel); apply the difference."""
         assert self.network is not None and self.lease is not None
+        started = time.monotonic()
+        self._skipped = []
         peers = self.valid_peers(snapshot.leases)
         desired = self.network.desired_state(self.lease, peers)
         actual = self.network.actual_state()
         change = plan.diff(desired, actual)
+        removals = change.removals()
         if not change.empty:
-            self.network.apply(change)
-            log.info("reconciled: %d added or replaced, %d removed", len(change.add), len(change.removals()))
+            try:
+                self.network.apply(change)
+            except OverlaydError:
+                self.metrics.pass_failed()  # metrics
+                raise
+            repaired = drifted(self._desired, change.add, removals)
+            self.metrics.drift_repaired(repaired)  # metrics
+            log.info(
+                "reconciled: %d added or replaced, %d removed",
+                len(change.add),
+                len(removals),
+                extra={"added": len(change.add), "removed": len(removals), "drift": len(repaired)},
+            )
+        self._desired = desired
         self.status.first_reconcile_done = True
         self.status.last_reconcile = time.monotonic()
         self.status.peers_programmed = len(peers)
+        # metrics: one pass, its peers and the kernel state it leaves (actual + plan, no re-read)
+        known = sum(1 for lease in snapshot.leases if lease.key != self.lease.key)
+        if self.settings.probe_interval > 0 and self._probe_address is not None:
+            targets = {str(peer.subnet): self._probe_address(peer) for peer in peers}
+            self._probe_targets = {subnet: address for subnet, address in targets.items() if address is not None}
+        self.metrics.peers(known, len(peers), self._skipped)
+        self.metrics.kernel_entries(plan.simulate(actual, change))
+        self.metrics.pass_done(time.monotonic() - started, len(change.add), len(removals))
         return change
 
     def _reconcile_quietly(self, snapshot: LeaseList) -> None:
@@ -698,11 +835,13 @@ class Daemon:
         return valid_peers(self.config, self.network, self.lease, leases, self._report_invalid, addresses)
 
     def _report_invalid(self, key: str, revision: int, reason: str) -> None:
+        self._skipped.append(reason)
         if (key, revision) not in self._reported:
             self._reported.add((key, revision))
             log.warning("skipping lease %s (revision %d): %s", key, revision, reason)
 
     def _note_error(self, exc: OverlaydError) -> None:
+        self.metrics.error(exc)  # metrics
         text = str(exc)
         if text != self.status.last_error:
             log.warning("%s; retrying", text)

@@ -1,7 +1,7 @@
-"""``/healthz``, ``/readyz`` (and later ``/metrics``) over plain HTTP, in a daemon thread.
+"""``/healthz``, ``/readyz``, ``/status`` and ``/metrics`` over plain HTTP, in a daemon thread.
 
-The handler only reads a ``DaemonStatus`` snapshot; it never touches the store or the kernel,
-so a slow store cannot make the probe hang.
+The handler only reads a ``DaemonStatus`` snapshot and the daemon's metrics registry; it never
+touches the store or the kernel, so a slow store cannot make the probe or a scrape hang.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import attrs
 
 from .errors import UserError
+from .metrics import Metrics
 
 log = logging.getLogger(__name__)
 
@@ -57,8 +58,11 @@ class DaemonStatus:
 
 
 class HealthServer:
-    def __init__(self, host: str, port: int, status: Callable[[], DaemonStatus]) -> None:
+    def __init__(
+        self, host: str, port: int, status: Callable[[], DaemonStatus], metrics: Metrics | None = None
+    ) -> None:
         self._status = status
+        self._metrics = metrics
         handler = self._handler()
         try:
             self._server = ThreadingHTTPServer((host, port), handler)
@@ -85,10 +89,14 @@ class HealthServer:
 
     def _handler(self) -> type[BaseHTTPRequestHandler]:
         status = self._status
+        metrics = self._metrics
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:
                 current = status()
+                if self.path == "/metrics" and metrics is not None:
+                    self._send(200, metrics.exposition(), "text/plain; version=0.0.4; charset=utf-8")
+                    return
                 if self.path == "/healthz":
                     ok, reason = current.alive()
                 elif self.path == "/readyz":
@@ -98,9 +106,11 @@ class HealthServer:
                 else:
                     self.send_error(404)
                     return
-                body = (reason + "\n").encode()
-                self.send_response(200 if ok else 503)
-                self.send_header("Content-Type", "text/plain; charset=utf-8")
+                self._send(200 if ok else 503, (reason + "\n").encode(), "text/plain; charset=utf-8")
+
+            def _send(self, code: int, body: bytes, content_type: str) -> None:
+                self.send_response(code)
+                self.send_header("Content-Type", content_type)
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
                 self.wfile.write(body)

@@ -408,6 +408,13 @@ class Store(Plugin):
         longer holds history that old, and ``StoreUnavailable`` when unreachable.
         """
 
+    def mark_ready(self, lease: Lease) -> None:
+        """Hook: the daemon calls it once *lease* is set up and its subnet file written.
+
+        Optional; the Kubernetes store reports the Node's network as available here.  It must
+        not raise: a store that fails to report logs it and tries again later.
+        """
+
     def close(self) -> None:
         """Release connections; the store is unusable afterwards."""
 
@@ -711,6 +718,12 @@ class Network(abc.ABC):
     def teardown(self) -> None:
         """Remove everything this network created (``--release-on-exit``)."""
 
+    def counters(self) -> Mapping[str, int]:
+        """Running totals this network keeps itself (a userspace forwarder's packets and bytes),
+        exported as ``overlayd_forwarder_<name>_total``.  Names are short lowercase words with
+        underscores; a fixed set per backend (never per peer).  Called from the metrics thread."""
+        return {}
+
 
 class Backend(Plugin):
     """How packets cross hosts."""
@@ -723,6 +736,18 @@ class Backend(Plugin):
         The keys are column titles; a lease that lacks a value gets ``"-"``, never an error.
         """
         return {}
+
+    @classmethod
+    def probe_address(cls, lease: Lease) -> IPv4Address | None:
+        """The overlay address ``overlayd check`` pings to test the path to *lease*'s host.
+
+        Pure, like :meth:`describe`.  The default is the subnet's first address (``.1``), where
+        a CNI bridge puts its gateway; vxlan answers ``<subnet>.0``, its VTEP's own address.
+        None: this backend has no address to probe (only the underlay is checked).
+        """
+        if lease.subnet is None or lease.subnet.num_addresses < 4:
+            return None
+        return lease.subnet.network_address + 1
 
     def effective_options(self, config: NetworkConfig) -> Any:
         """This backend's options with the network config's ``Backend`` keys applied on top

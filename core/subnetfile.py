@@ -18,6 +18,7 @@ import os
 import stat
 import tempfile
 from ipaddress import IPv4Network, IPv6Network
+from typing import TypeVar
 
 import attrs
 
@@ -173,3 +174,113 @@ def parse_subnet(raw: str | None) -> IPv4Network | None:
 def previous_subnet(path: str) -> IPv4Network | None:
     """The IPv4 subnet recorded by a previous run, if the file holds a valid one."""
     return parse_subnet(read_env(path).get("FLANNEL_SUBNET"))
+
+
+_Net = TypeVar("_Net", IPv4Network, IPv6Network)
+
+
+def _pair(env: dict[str, str], prefix: str, kind: type[_Net], path: str) -> tuple[_Net, _Net] | None:
+    """``<prefix>NETWORK`` and ``<prefix>SUBNET`` of *kind*; both or neither, the subnet inside."""
+    found: list[_Net] = []
+    for key in (f"{prefix}NETWORK", f"{prefix}SUBNET"):
+        raw = env.get(key)
+        if raw is None:
+            continue
+        try:
+            net = ipaddress.ip_interface(raw.strip()).network
+        except ValueError:
+            net = None
+        if not isinstance(net, kind):
+            raise UserError(f"{path}: {key}={raw!r} is not an IPv{4 if kind is IPv4Network else 6} CIDR")
+        found.append(net)
+    if not found:
+        return None
+    if len(found) == 1:
+        given, missing = ("NETWORK", "SUBNET") if f"{prefix}NETWORK" in env else ("SUBNET", "NETWORK")
+        raise UserError(f"{path}: {prefix}{given} is set but {prefix}{missing} is missing")
+    network, subnet = found
+    if not subnet.subnet_of(network):
+        raise UserError(f"{path}: {prefix}SUBNET {subnet} is not inside {prefix}NETWORK {network}")
+    return network, subnet
+
+
+def parse_subnet_file(data: bytes | str, path: str = "subnet file") -> SubnetFile:
+    """A subnet file's contents as a :class:`SubnetFile`; ``UserError`` naming the bad key otherwise.
+
+    The consumers (the CNI plugin, ``overlayd docker-opts``) need every value to be right, so
+    unlike :func:`parse_subnet` this is strict: an IPv4 or an IPv6 pair (network and subnet, the
+    subnet inside the network), an MTU, and ``FLANNEL_IPMASQ`` true or false when present.
+    """
+    env = parse_env(data)
+    v4 = _pair(env, "FLANNEL_", IPv4Network, path)
+    v6 = _pair(env, "FLANNEL_IPV6_", IPv6Network, path)
+    if v4 is None and v6 is None:
+        raise UserError(f"{path}: no FLANNEL_NETWORK/FLANNEL_SUBNET (nor the IPV6 pair); is it a subnet file?")
+    raw_mtu = env.get("FLANNEL_MTU")
+    if raw_mtu is None:
+        raise UserError(f"{path}: FLANNEL_MTU is missing")
+    try:
+        mtu = int(raw_mtu.strip())
+    except ValueError:
+        raise UserError(f"{path}: FLANNEL_MTU={raw_mtu!r} is not a number") from None
+    if not 68 <= mtu <= 65535:
+        raise UserError(f"{path}: FLANNEL_MTU={mtu} is outside 68..65535")
+    masq = env.get("FLANNEL_IPMASQ", "false").strip().lower()
+    if masq not in ("true", "false"):
+        raise UserError(f"{path}: FLANNEL_IPMASQ={masq!r} is neither true nor false")
+    return SubnetFile(
+        network=v4[0] if v4 else None,
+        subnet=v4[1] if v4 else None,
+        mtu=mtu,
+        ip_masq=masq == "true",
+        ipv6_network=v6[0] if v6 else None,
+        ipv6_subnet=v6[1] if v6 else None,
+    )
+
+
+def load_subnet_file(path: str) -> SubnetFile | None:
+    """The subnet file at *path*, or None while it does not exist (the daemon has no lease yet).
+
+    ``UserError`` when something is there but is not a subnet file: not a regular file, too long,
+    or values :func:`parse_subnet_file` rejects.
+    """
+    data = read_bounded(path)
+    if data is None:
+        if not os.path.lexists(path):
+            return None
+        raise UserError(f"{path} exists but is not a readable regular file")
+    if len(data) > MAX_BYTES:
+        raise UserError(f"{path} is longer than any subnet file ({MAX_BYTES} bytes)")
+    return parse_subnet_file(data, path)
+
+
+def docker_options(subnet: SubnetFile) -> list[str]:
+    """dockerd flags for this host's lease (what flannel's ``mk-docker-opts.sh`` prints).
+
+    ``--bip`` is the bridge's address (the subnet's first host) and prefix; ``--ip-masq=false``
+    when the daemon already masquerades, so traffic is not masqueraded twice.
+    """
+    if subnet.subnet is None:
+        raise UserError("the subnet file has no IPv4 subnet (FLANNEL_SUBNET); dockerd's --bip needs one")
+    opts = [f"--bip={subnet.subnet.network_address + 1}/{subnet.subnet.prefixlen}", f"--mtu={subnet.mtu}"]
+    if subnet.ip_masq:
+        opts.append("--ip-masq=false")
+    if subnet.ipv6_subnet is not None:
+        opts += ["--ipv6", f"--fixed-cidr-v6={subnet.ipv6_subnet}"]
+    return opts
+
+
+def docker_env_file(opts: list[str]) -> str:
+    """*opts* as an environment file for a dockerd unit (``EnvironmentFile=``): the combined
+    ``DOCKER_OPTS`` and ``DOCKER_NETWORK_OPTIONS``, and one ``DOCKER_OPT_*`` per option."""
+    names = {
+        "--bip": "BIP",
+        "--mtu": "MTU",
+        "--ip-masq": "IPMASQ",
+        "--ipv6": "IPV6",
+        "--fixed-cidr-v6": "FIXED_CIDR_V6",
+    }
+    lines = [f'DOCKER_OPT_{names[opt.split("=", 1)[0]]}="{opt}"' for opt in opts]
+    joined = " ".join(opts)
+    lines += [f'DOCKER_OPTS="{joined}"', f'DOCKER_NETWORK_OPTIONS="{joined}"']
+    return "\n".join(lines) + "\n"

@@ -45,7 +45,7 @@ def test_help_lists_commands_and_plugin_flags() -> None:
 @pytest.mark.parametrize(
     ("args", "fragment"),
     [
-        (("--store", "nope", "leases"), "unknown store 'nope'; installed stores: embedded, etcd"),
+        (("--store", "nope", "leases"), "unknown store 'nope'; installed stores: consul, embedded, etcd, kubernetes"),
         (("network", "init", "--network", "10.0.0.0/40"), "is not an IPv4 CIDR"),
         (("network", "init", "--network", "10.0.0.0/16", "--backend", "warp"), "unknown backend 'warp'"),
         (("network", "init"), "needs --network"),
@@ -192,7 +192,8 @@ def test_plugin_missing_its_optional_dependency_gets_a_pip_hint(tmp_path: Path) 
     dist.mkdir()
     (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: fakeconsul\nVersion: 0.1\n")
     (dist / "entry_points.txt").write_text("[overlayd.stores]\nfake-consul = fakeconsul:Store\n")
-    (tmp_path / "fakeconsul.py").write_text("import consul  # not installed on purpose\n")
+    # py-consul is installed for the consul store's tests: None in sys.modules makes it unimportable here
+    (tmp_path / "fakeconsul.py").write_text("import sys\nsys.modules['consul'] = None\nimport consul\n")
     env = {"PYTHONPATH": str(tmp_path)}
     assert_user_error(
         run("--store", "fake-consul", "leases", env=env),

@@ -36,7 +36,22 @@ def test_manifest_is_valid_kubernetes(doc: dict[str, object]) -> None:
 
 def test_manifest_has_the_expected_objects() -> None:
     kinds = [doc["kind"] for doc in manifests()]
-    assert kinds == ["Namespace", "ServiceAccount", "ConfigMap", "DaemonSet"]
+    assert kinds == ["Namespace", "ServiceAccount", "ClusterRole", "ClusterRoleBinding", "ConfigMap", "DaemonSet"]
+
+
+def test_rbac_grants_what_the_kubernetes_store_needs() -> None:
+    [daemonset] = [doc for doc in manifests() if doc["kind"] == "DaemonSet"]
+    [configmap] = [doc for doc in manifests() if doc["kind"] == "ConfigMap"]
+    assert 'store = "kubernetes"' in configmap["data"]["overlayd.toml"]  # type: ignore[index]
+    [role] = [doc for doc in manifests() if doc["kind"] == "ClusterRole"]
+    granted = {(res, verb) for rule in role["rules"] for res in rule["resources"] for verb in rule["verbs"]}  # type: ignore[attr-defined]
+    needed = {("nodes", v) for v in ("get", "list", "watch", "patch")} | {("nodes/status", "patch")}
+    assert needed <= granted
+    [binding] = [doc for doc in manifests() if doc["kind"] == "ClusterRoleBinding"]
+    account = daemonset["spec"]["template"]["spec"]["serviceAccountName"]  # type: ignore[index]
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": account, "namespace": "kube-overlayd"}]
+    env = {e["name"] for e in daemonset["spec"]["template"]["spec"]["containers"][0]["env"]}  # type: ignore[index]
+    assert "NODE_NAME" in env
 
 
 def test_configmap_toml_is_accepted_by_the_cli(tmp_path: Path) -> None:

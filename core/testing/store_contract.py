@@ -50,6 +50,10 @@ class StoreSpec:
     options: dict[str, Any]
     write_raw: Callable[[str, str], None] | None = None
     supports_ttl: bool = True
+    #: The shortest TTL the store takes (Consul: 10 s), for the expiry test.
+    short_ttl: float = 2.0
+    #: How long past the TTL the store may keep an expired entry (Consul: up to 2x the TTL).
+    expiry_slack: float = 8.0
 
 
 def attrs_for(ip: str, mac: str = "aa:bb:cc:dd:ee:01") -> LeaseAttrs:
@@ -211,13 +215,13 @@ class StoreContract:
     def test_lease_expires_after_ttl(self, store_spec: StoreSpec) -> None:
         if not store_spec.supports_ttl:
             pytest.skip("this store has no TTLs")  # pragma: no cover
-        store = open_store(store_spec.name, **{**store_spec.options, "ttl": 2})
+        store = open_store(store_spec.name, **{**store_spec.options, "ttl": store_spec.short_ttl})
         try:
             store.acquire_lease(NETWORK, attrs_for("192.0.2.1"))
             start = store.list_leases().revision
             stop = threading.Event()
             events = store.watch_leases(stop, since_revision=start)
-            event = _next_event(events, timeout=10)
+            event = _next_event(events, timeout=store_spec.short_ttl + store_spec.expiry_slack)
             assert event.kind is EventKind.EXPIRED
             assert store.list_leases().leases == ()
             stop.set()

@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import base64
+import json
 import subprocess
+import sys
 import time
+from collections.abc import Callable
 from ipaddress import IPv4Address, IPv4Network
 from pathlib import Path
+from typing import Any
 
+import attrs
 from overlayd import _topology as topo
 
 NETWORK = "10.244.0.0/16"
@@ -49,18 +55,24 @@ def init_network(cluster: topo.Cluster, store_args: list[str]) -> None:
 
 
 def bring_up(
-    cluster: topo.Cluster, args: list[str], hosts: list[topo.Host] | None = None, *, init_args: list[str] | None = None
+    cluster: topo.Cluster,
+    args: list[str] | Callable[[topo.Host], list[str]],
+    hosts: list[topo.Host] | None = None,
+    *,
+    init_args: list[str] | None = None,
 ) -> None:
     """Start a daemon on each host, wait for its subnet file, attach its container, wait for routes.
 
-    With *init_args* (the store options), the network config is written first with
-    ``overlayd network init``; without, the daemons create it from ``--network`` on a cold store.
+    *args* are the daemon options, or a function of the host that returns them (a store that
+    names the host, such as Kubernetes' ``--kubernetes-node-name``).  With *init_args* (the
+    store options), the network config is written first with ``overlayd network init``;
+    without, the daemons create it from ``--network`` on a cold store.
     """
     if init_args is not None:
         init_network(cluster, init_args)
     hosts = cluster.hosts if hosts is None else hosts
     for host in hosts:
-        host.start_daemon(args)
+        host.start_daemon(args(host) if callable(args) else args)
     for host in hosts:
         host.attach_container(host.wait_ready(30))
     wait_full_mesh_routes(cluster)
@@ -118,3 +130,135 @@ def ping_counts(pinger: subprocess.Popen[str]) -> tuple[str, int, int]:
     sent_recv = topo._PING_COUNTS.search(out)
     assert sent_recv, out
     return out, int(sent_recv.group(1)), int(sent_recv.group(2))
+
+
+# -- store servers in the store namespace ------------------------------------------------------
+
+
+@attrs.frozen
+class StoreServer:
+    """A store whose server runs in the cluster's store namespace, as the e2e tests use it.
+
+    ``start`` runs the server there, ``store_args`` are the daemon and CLI flags that reach it
+    over the underlay, ``leases`` reads ``<prefix>/subnets/*`` back independently of overlayd
+    (key without the prefix -> decoded flannel value).
+    """
+
+    name: str
+    start: Callable[[topo.Cluster], None]
+    store_args: Callable[[topo.Cluster], list[str]]
+    leases: Callable[[topo.Cluster], dict[str, dict[str, Any]]]
+
+    def cluster(self, make_cluster: Callable[..., topo.Cluster], hosts: int = 3) -> topo.Cluster:
+        """A cluster with a store namespace and this server running in it."""
+        cluster = make_cluster(hosts, store_ns=True)
+        self.start(cluster)
+        return cluster
+
+
+def _etcd_leases(cluster: topo.Cluster) -> dict[str, dict[str, Any]]:
+    prefix = "/coreos.com/network/subnets/"
+    doc = json.loads(cluster.etcd.etcdctl("get", "--prefix", prefix, "-w", "json"))
+    return {
+        base64.b64decode(kv["key"]).decode().removeprefix(prefix): json.loads(base64.b64decode(kv["value"]))
+        for kv in doc.get("kvs", [])
+    }
+
+
+ETCD = StoreServer(
+    "etcd",
+    start=lambda cluster: cluster.start_etcd(),
+    store_args=lambda cluster: ["--store", "etcd", "--etcd-endpoints", cluster.etcd_endpoint],
+    leases=_etcd_leases,
+)
+
+CONSUL_PORT = 8500
+
+
+def consul_address(cluster: topo.Cluster) -> str:
+    return f"{topo.STORE_ADDRESS.ip}:{CONSUL_PORT}"
+
+
+def consul_http(cluster: topo.Cluster, method: str, path: str) -> Any:
+    """One request to the fake Consul, made from inside the store namespace; the JSON answer."""
+    assert cluster.store_ns is not None
+    script = (
+        "import sys, urllib.request as u; "
+        "r = u.Request(sys.argv[1], method=sys.argv[2]); "
+        "sys.stdout.write(u.urlopen(r, timeout=10).read().decode())"
+    )
+    url = f"http://{consul_address(cluster)}{path}"
+    out = topo.run(topo.ns_exec(cluster.store_ns, [sys.executable, "-c", script, url, method])).stdout
+    return json.loads(out) if out.strip() else None
+
+
+def _start_consul(cluster: topo.Cluster) -> None:
+    """The fake Consul (``overlayd.testing.consul_server``) as a process in the store namespace."""
+    assert cluster.store_ns is not None, "build the cluster with store_ns=True"
+    argv = [sys.executable, "-m", "overlayd.testing.consul_server", "--host", str(topo.STORE_ADDRESS.ip)]
+    proc = cluster.start_process(cluster.store_ns, [*argv, "--port", str(CONSUL_PORT)], "consul.log")
+
+    def listening() -> bool:
+        if not proc.running:
+            raise topo.TopologyError(f"the fake Consul exited:\n{proc.log_tail()}")
+        return "listening on" in proc.log_tail()
+
+    topo.wait_until(listening, 30, what="the fake Consul listening")
+
+
+def _consul_leases(cluster: topo.Cluster) -> dict[str, dict[str, Any]]:
+    prefix = "coreos.com/network/subnets/"
+    doc = consul_http(cluster, "GET", f"/v1/kv/{prefix}?recurse") or []
+    return {kv["Key"].removeprefix(prefix): json.loads(base64.b64decode(kv["Value"])) for kv in doc}
+
+
+CONSUL = StoreServer(
+    "consul",
+    start=_start_consul,
+    store_args=lambda cluster: ["--store", "consul", "--consul-address", consul_address(cluster)],
+    leases=_consul_leases,
+)
+
+
+def check_mesh_and_leases(cluster: topo.Cluster, server: StoreServer, figures: Any, *extra: str) -> None:
+    """Three daemons on *server* reach a full mesh; the store holds flannel's lease values."""
+    start = time.monotonic()
+    bring_up(cluster, daemon_args(server.store_args(cluster), *extra))
+    figures.add(
+        f"{server.name} store, {len(cluster.hosts)} hosts: first daemon start to full mesh of routes "
+        f"in {time.monotonic() - start:.2f} s"
+    )
+    assert_full_mesh(cluster)
+    leases = server.leases(cluster)
+    nets = subnets(cluster)
+    assert len(leases) == len(cluster.hosts)
+    for host in cluster.hosts:
+        value = leases[str(nets[host.index]).replace("/", "-")]
+        assert value["PublicIP"] == str(host.underlay.ip)
+        assert value["BackendType"] == "vxlan"
+        assert value["BackendData"]["VtepMAC"]
+
+
+def check_restart_and_join(cluster: topo.Cluster, server: StoreServer, figures: Any, *extra: str) -> None:
+    """A crashed daemon comes back on its subnet; a joining host is reached by every peer."""
+    args = daemon_args(server.store_args(cluster), *extra)
+    bring_up(cluster, args, init_args=server.store_args(cluster))
+    victim = cluster.hosts[0]
+    before = victim.subnet_env()
+    victim.daemon.kill()
+    victim.restart_daemon(fresh=True)
+    assert victim.wait_ready(30).subnet == before.subnet  # type: ignore[union-attr]
+    new = cluster.add_host()
+    new.start_daemon(args)
+    env = new.wait_ready(30)
+    ready = time.monotonic()
+    new.attach_container(env)
+    for peer in cluster.hosts[:-1]:
+        topo.wait_until(lambda p=peer: p.container.ping(new.container.address.ip, count=1).ok, 2.0,
+                        what=f"{peer.name} reaching {new.name}")  # fmt: skip
+    figures.add(
+        f"{server.name} store: joining host ready to reachable from every peer in {time.monotonic() - ready:.2f} s"
+    )
+    wait_full_mesh_routes(cluster)
+    assert_full_mesh(cluster, count=1)
+    assert len(server.leases(cluster)) == len(cluster.hosts)
