@@ -40,6 +40,7 @@ import random
 import select
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
@@ -56,7 +57,7 @@ from .hostiface import select_host
 from .incremental import Reconciler
 from .kernelcache import KernelCache
 from .leasecache import LeaseCache
-from .metrics import Metrics, drifted
+from .metrics import Metrics, drifted, kind_of
 from .model import Lease, LeaseAttrs, LeaseList
 from .peers import invalid_reason, public_ip_problem, resolve_claims, valid_peers
 from .plugin import Backend, HostInfo, Network, Store
@@ -515,8 +516,9 @@ class Daemon:
                     self.metrics.store_up(False)  # metrics
                 stop.wait(backoff.next())
 
-    _tally_at = float("-inf")  # when the kernel-entry gauges were last counted
+    _tally_at = float("-inf")  # when the kernel-entry gauges were last counted in full
     _tally_due = True
+    _kernel_counts: Counter[str] = Counter()  # our kernel objects by kind (metrics)
 
     def _pass_metrics(
         self,
@@ -533,6 +535,13 @@ class Daemon:
         where the figure itself is a count over everything (at most once a second)."""
         assert self.lease is not None
         removals = change.removals()
+        now = time.monotonic()
+        if audit or (self._tally_due and now - self._tally_at >= 1.0):
+            # metrics: a full count from the cache (which has not yet heard of this pass's apply:
+            # the difference below adds it), at most once a second and at each audit
+            self._kernel_counts = Counter(kind_of(obj) for obj in kernel.objects())
+            self._tally_at, self._tally_due = now, False
+            self.metrics.kernel_entry_counts(self._kernel_counts)
         if not change.empty:
             # drift: what a pass repairs in slots no lease change touched (a rebuild counts none)
             repaired: list[Any] = []
@@ -548,12 +557,14 @@ class Daemon:
                 len(removals),
                 extra={"added": len(change.add), "removed": len(removals), "drift": len(repaired)},
             )
+            # metrics: the kernel entries after this apply, by difference over the touched slots
+            # (the cache hears our own changes only at the next drain); recounted in full later
+            slots = {obj.key for obj in change.add} | {obj.key for obj in change.remove}
+            before = kernel.objects_in(slots)
+            self._kernel_counts.update(kind_of(obj) for obj in plan.simulate(before, change))
+            self._kernel_counts.subtract(kind_of(obj) for obj in before)
+            self.metrics.kernel_entry_counts(self._kernel_counts)
             self._tally_due = True
-        now = time.monotonic()
-        if audit or (self._tally_due and change.empty and now - self._tally_at >= 1.0):
-            # metrics: counted from the cache once our own changes have come back as notifications
-            self.metrics.kernel_entries(kernel.objects())
-            self._tally_at, self._tally_due = now, False
         if changed or audit or not change.empty:
             known = len(leases.leases) - (self.lease.key in leases.leases)
             self.metrics.peers(known, len(self.valid_peer_leases), self._skipped_by_key.values())  # metrics
