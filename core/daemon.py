@@ -453,15 +453,17 @@ class Daemon:
                 self._keep_lease_cached(leases)
                 assert self.lease is not None
                 kernel.drain()
+                own = (self.lease.key, self.lease.subnet, self.lease.attrs)
+                rebuild = built_for != own  # our lease or host changed: every peer's objects may differ
                 if audit or kernel.needs_resync:
                     if not audit:
-                        log.info("netlink notifications were lost; re-reading the kernel and diffing everything")
+                        log.info("the kernel cache may have missed changes; re-reading the kernel, diffing everything")
                     if not fresh or kernel.needs_resync:  # open() has just read it
                         kernel.resync()
                     audit = True
                     next_audit = time.monotonic() + self.settings.resync_period
-                own = (self.lease.key, self.lease.subnet, self.lease.attrs)
-                rebuild = built_for != own  # our lease or host changed: every peer's objects may differ
+                elif rebuild and not fresh:
+                    kernel.resync()  # activating another subnet may have flushed routes silently
                 full = audit or rebuild
                 keys = leases.take_changes()
                 # the audit re-checks every lease's validity too; the peers whose valid lease

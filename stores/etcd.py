@@ -808,7 +808,9 @@ class _WatchStream:
             if error is None:
                 error = _Unavailable(self.url, "the watch stream ended")
         except grpc.RpcError as exc:
-            error = _Unavailable(self.url, f"watch stream: {_details(exc)}")
+            # raised as is in the caller's thread, so the store's usual rules apply: re-authenticate
+            # on an expired token, UserError for auth/permission/TLS, failover on connection codes
+            error = exc
         except Exception as exc:  # a channel closed under us, a protobuf surprise: never lose it
             error = _Unavailable(self.url, f"watch stream: {exc}")
         with self._cond:

@@ -44,11 +44,11 @@ def peer(i: int) -> Lease:
     return Lease(IPv4Network(f"10.77.{i}.0/24"), attrs, datetime.now(UTC) + timedelta(hours=1))
 
 
-def wait_for(check: Callable[[], object], timeout: float, what: str) -> float:
+def wait_for(check: Callable[[], object], timeout: float, what: str, state: Callable[[], str] | None = None) -> float:
     started = time.monotonic()
     while not check():
         if time.monotonic() - started > timeout:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}" + (f": {state()}" if state else ""))
         time.sleep(0.01)
     return time.monotonic() - started
 
@@ -93,6 +93,14 @@ class Host:
     def fdb(self) -> set[str]:
         return {e["mac"] for e in bridge_json(self.ns, "fdb", "show", "dev", DEV) if e.get("dst")}
 
+    def state(self) -> str:
+        cache = self.daemon.lease_cache
+        return (
+            f"routes {sorted(self.routes())}, neighbours {sorted(self.neighbours())}, fdb {sorted(self.fdb())}, "
+            f"valid {sorted(self.daemon.valid_peer_leases)}, cached {sorted(cache.leases) if cache else None}, "
+            f"listings {cache.listings if cache else None}, status {self.daemon.status}"
+        )
+
     def programmed(self, indexes: range | list[int]) -> bool:
         want = {f"10.77.{i}.0/24" for i in indexes}
         return self.routes() == want and len(self.neighbours()) == len(want) == len(self.fdb())
@@ -132,14 +140,14 @@ def test_drift_is_repaired_from_notifications_within_a_second(writer: Store, mak
     for i in range(1, 4):
         writer.create_lease(peer(i))
     host = make_host()
-    wait_for(lambda: host.programmed(range(1, 4)), 5, "three peers programmed")
+    wait_for(lambda: host.programmed(range(1, 4)), 5, "three peers programmed", host.state)
     dumps = host.daemon.kernel_cache.dumps  # type: ignore[union-attr]
     run(host.ns, "ip", "route", "del", "10.77.2.0/24")
     took = wait_for(lambda: "10.77.2.0/24" in host.routes(), 1.0, "the deleted route back")
     run(host.ns, "ip", "neigh", "del", "10.77.1.0", "dev", DEV)
     took = max(took, wait_for(lambda: "10.77.1.0" in host.neighbours(), 1.0, "the deleted neighbour back"))
     run(host.ns, "bridge", "fdb", "del", "02:00:00:00:01:03", "dev", DEV, "dst", "198.51.100.3")
-    took = max(took, wait_for(lambda: host.programmed(range(1, 4)), 1.0, "the deleted FDB entry back"))
+    took = max(took, wait_for(lambda: host.programmed(range(1, 4)), 1.0, "the deleted FDB entry back", host.state))
     # changed behind our back (not deleted): a route through another gateway is replaced back
     run(host.ns, "ip", "route", "replace", "10.77.3.0/24", "via", "10.77.9.0", "dev", DEV, "onlink", "proto", "79")
     wait_for(
@@ -155,16 +163,16 @@ def test_drift_is_repaired_from_notifications_within_a_second(writer: Store, mak
 def test_new_and_removed_peers_and_the_vxlan_device_recreated(writer: Store, make_host: Callable[..., Host]) -> None:
     writer.create_lease(peer(1))
     host = make_host()
-    wait_for(lambda: host.programmed([1]), 5, "one peer")
+    wait_for(lambda: host.programmed([1]), 5, "one peer", host.state)
     leases = [writer.create_lease(peer(i)) for i in range(2, 6)]
-    wait_for(lambda: host.programmed(range(1, 6)), 2, "four new peers")
+    wait_for(lambda: host.programmed(range(1, 6)), 5, "four new peers", host.state)
     for lease in leases[:2]:
         assert lease is not None
         writer.delete_lease(lease)
-    wait_for(lambda: host.programmed([1, 4, 5]), 2, "two peers removed")
+    wait_for(lambda: host.programmed([1, 4, 5]), 5, "two peers removed", host.state)
     assert set(host.daemon.valid_peer_leases) == {peer(i).key for i in (1, 4, 5)}
     run(host.ns, "ip", "link", "del", DEV)
-    wait_for(lambda: host.programmed([1, 4, 5]), 3, "the device recreated and reprogrammed")
+    wait_for(lambda: host.programmed([1, 4, 5]), 5, "the device recreated and reprogrammed", host.state)
     link = ip_json(host.ns, "-d", "link", "show", DEV)[0]
     assert "UP" in link["flags"] and link["linkinfo"]["info_data"]["id"] == 1
 
@@ -173,7 +181,7 @@ def test_a_missed_notification_is_repaired_by_the_audit(writer: Store, make_host
     for i in (1, 2):
         writer.create_lease(peer(i))
     host = make_host(resync=3.0)
-    wait_for(lambda: host.programmed([1, 2]), 5, "two peers")
+    wait_for(lambda: host.programmed([1, 2]), 5, "two peers", host.state)
     cache = host.daemon.kernel_cache
     assert cache is not None
     # the daemon stops hearing about routes: a deletion now is a notification it never gets
@@ -195,7 +203,7 @@ def test_a_notification_overrun_makes_a_full_resync(
     for i in (1, 2):
         writer.create_lease(peer(i))
     host = make_host()
-    wait_for(lambda: host.programmed([1, 2]), 5, "two peers")
+    wait_for(lambda: host.programmed([1, 2]), 5, "two peers", host.state)
     cache = host.daemon.kernel_cache
     assert cache is not None and cache._sock is not None
     sock = cache._sock
@@ -233,7 +241,7 @@ def test_lost_store_history_relists_and_misses_nothing(
     store.wait_for_events = wait  # type: ignore[method-assign]
     try:
         host = make_host(store=store)
-        wait_for(lambda: host.programmed([1, 2, 3]), 5, "three peers")
+        wait_for(lambda: host.programmed([1, 2, 3]), 5, "three peers", host.state)
         listings = host.daemon.lease_cache.listings  # type: ignore[union-attr]
         hold.set()
         time.sleep(1.5)  # a real wait that began before the hold has returned by now
@@ -250,7 +258,7 @@ def test_lost_store_history_relists_and_misses_nothing(
             writer.delete_lease(lease)
         assert not host.programmed([1, 3, *range(10, 20)])
         hold.clear()
-        wait_for(lambda: host.programmed([1, 3, *range(10, 20)]), 5, "everything after the re-list")
+        wait_for(lambda: host.programmed([1, 3, *range(10, 20)]), 5, "everything after the re-list", host.state)
         assert host.daemon.lease_cache.listings > listings  # type: ignore[union-attr]
         fdb = {e["mac"]: e["dst"] for e in bridge_json(host.ns, "fdb", "show", "dev", DEV) if e.get("dst")}
         assert fdb.get("02:00:00:00:09:99") == "198.51.100.3"
@@ -275,13 +283,13 @@ def test_a_store_outage_keeps_enforcing_and_repairing(writer: Store, make_host: 
     store.list_leases = lambda: unavailable() if down.is_set() else real_list()  # type: ignore[method-assign]
     try:
         host = make_host(store=store)
-        wait_for(lambda: host.programmed([1, 2]), 5, "two peers")
+        wait_for(lambda: host.programmed([1, 2]), 5, "two peers", host.state)
         down.set()
         wait_for(lambda: not host.daemon.status.store_healthy, 3, "the outage noticed")
         run(host.ns, "ip", "route", "del", "10.77.1.0/24")
         wait_for(lambda: "10.77.1.0/24" in host.routes(), 1.5, "drift repaired during the outage")
         down.clear()
         writer.create_lease(peer(5))
-        wait_for(lambda: host.programmed([1, 2, 5]), 35, "a new peer after the outage")
+        wait_for(lambda: host.programmed([1, 2, 5]), 35, "a new peer after the outage", host.state)
     finally:
         store.close()
