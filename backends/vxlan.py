@@ -219,6 +219,7 @@ class VxlanNetwork(RouteNetwork):
     ) -> None:
         super().__init__(host, connected=connected, offline=offline)
         self.settings = settings
+        self.overlay_port = settings.port
         self.spec = spec
         self.mac = mac
         self.lease: Lease | None = None

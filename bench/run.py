@@ -15,7 +15,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 BENCHES = [
-    ("throughput: overlay vs underlay", ["throughput.py"]),
+    ("throughput: vxlan and host-gw vs the underlay", ["throughput.py"]),
+    ("udp backend: underlay vs vxlan vs udp plain vs udp offload", ["udp.py"]),
     (
         "control plane at scale: N = 100 / 1000 / 5000 peers",
         [

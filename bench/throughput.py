@@ -1,15 +1,19 @@
-"""Overlay throughput and latency against the bare underlay, measured in the same run.
+"""Overlay throughput and latency against the bare underlay, for several backends in one run.
 
-Builds a two-host cluster in network namespaces (the demo's topology: veths into a switch bridge),
-runs ``overlayd`` with the given backend on each host, then measures with iperf3 (TCP, one stream)
-and ping, alternating underlay and overlay runs so both see the same machine load:
+Builds one cluster in network namespaces (the demo's topology: veths into a switch bridge) with a
+pair of hosts per backend, each pair on its own store and network, runs ``overlayd`` on each host,
+then measures with iperf3 (TCP, one stream) and ping, taking the rounds in turn (underlay, then
+each backend) so every figure sees the same machine load:
 
-* underlay: host0 192.0.2.10 -> host1 192.0.2.11 (the physical limit here: veth + bridge);
-* overlay:  container on host0 -> container on host1, through the backend (VXLAN encapsulation).
+* underlay: the first pair's host0 -> host1 (the physical limit here: veth + bridge);
+* overlay:  container -> container on each pair, through its backend (vxlan: encapsulated;
+  host-gw: routed, full MTU).
 
-Prints each figure and the overlay/underlay ratio.  Everything is removed afterwards.
+Prints each figure and the overlay/underlay ratio per backend, and the machine's load average
+(the machine may be shared; re-run on a quiet one for figures to publish).  Everything is
+removed afterwards.
 
-Usage (root): ``.venv/bin/python bench/throughput.py [--backend vxlan] [--seconds 5] [--rounds 3]``
+Usage (root): ``.venv/bin/python bench/throughput.py [--backends vxlan,host-gw] [--seconds 5] [--rounds 3]``
 """
 
 from __future__ import annotations
@@ -49,44 +53,60 @@ def rtt(ns: str, dst: IPv4Address) -> float:
     return result.rtt_avg_ms
 
 
+def start_pair(cluster: topo.Cluster, pair: list[topo.Host], backend: str, network: str) -> None:
+    store = ["--embedded-path", str(cluster.workdir / f"{backend}.db")]
+    init = cluster.overlayd_cli(*store, "network", "init", "--network", network, "--backend", backend,
+                                host=pair[0].index)  # fmt: skip
+    assert init.returncode == 0, init.stderr
+    for host in pair:
+        host.start_daemon([*store, "--resync-period", "10", "--log-level", "warning"])
+    for host in pair:
+        host.attach_container(host.wait_ready(30))
+    a, b = pair[0].container, pair[1].container
+    assert a is not None and b is not None
+    topo.wait_until(lambda: a.ping(b.address.ip, count=1).ok, 15, what=f"{backend} overlay up")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--backend", default="vxlan")
+    parser.add_argument("--backends", default="vxlan,host-gw", help="comma-separated backends to measure")
     parser.add_argument("--seconds", type=int, default=5)
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     if os.geteuid() != 0:
         sys.exit("bench/throughput.py needs root (network namespaces)")
+    backends = [b.strip() for b in args.backends.split(",") if b.strip()]
 
-    cluster = topo.Cluster(2)
+    cluster = topo.Cluster(2 * len(backends))
     try:
         cluster.build()
-        store = ["--embedded-path", str(cluster.workdir / "store.db")]
-        init = cluster.overlayd_cli(*store, "network", "init", "--network", "10.244.0.0/16", "--backend", args.backend)
-        assert init.returncode == 0, init.stderr
-        for host in cluster.hosts:
-            host.start_daemon([*store, "--resync-period", "10", "--log-level", "warning"])
-        envs = [host.wait_ready(30) for host in cluster.hosts]
-        for host, env in zip(cluster.hosts, envs, strict=True):
-            host.attach_container(env)
-        h0, h1 = cluster.hosts
-        assert h0.container is not None and h1.container is not None
-        topo.wait_until(lambda: h0.container.ping(h1.container.address.ip, count=1).ok, 15, what="overlay up")
-
-        under, over = [], []
+        pairs = {b: cluster.hosts[2 * i : 2 * i + 2] for i, b in enumerate(backends)}
+        for i, (backend, pair) in enumerate(pairs.items()):
+            start_pair(cluster, pair, backend, f"10.{244 + i}.0.0/16")
+        h0, h1 = pairs[backends[0]]
+        under: list[float] = []
+        over: dict[str, list[float]] = {b: [] for b in backends}
         for _ in range(args.rounds):
             under.append(iperf(cluster, h0.ns, h1.ns, h1.underlay.ip, args.seconds))
-            over.append(iperf(cluster, h0.container.ns, h1.container.ns, h1.container.address.ip, args.seconds))
+            for backend, (a, b) in pairs.items():
+                assert a.container is not None and b.container is not None
+                over[backend].append(
+                    iperf(cluster, a.container.ns, b.container.ns, b.container.address.ip, args.seconds)
+                )
         rtt_under = rtt(h0.ns, h1.underlay.ip)
-        rtt_over = rtt(h0.container.ns, h1.container.address.ip)
 
-        u, o = statistics.median(under), statistics.median(over)
-        print(f"backend {args.backend}, MTU {envs[0].mtu}, {args.rounds} rounds of {args.seconds} s, one TCP stream")
-        print(f"underlay (host -> host):           median {u / 1e9:.2f} Gbit/s  {[round(x / 1e9, 2) for x in under]}")
-        print(f"overlay  (container -> container): median {o / 1e9:.2f} Gbit/s  {[round(x / 1e9, 2) for x in over]}")
-        print(f"overlay / underlay throughput:     {o / u:.2f}")
-        extra = rtt_over - rtt_under
-        print(f"ping RTT (50 x 10 ms): underlay {rtt_under:.3f} ms, overlay {rtt_over:.3f} ms (+{extra:.3f} ms)")
+        load = os.getloadavg()
+        u = statistics.median(under)
+        print(f"{args.rounds} rounds of {args.seconds} s, one TCP stream; load average {load[0]:.2f} {load[1]:.2f}")
+        print(f"{'underlay (host -> host):':<46}median {u / 1e9:6.2f} Gbit/s  {[round(x / 1e9, 2) for x in under]}")
+        print(f"ping RTT underlay (50 x 10 ms): {rtt_under:.3f} ms")
+        for backend, (a, b) in pairs.items():
+            assert a.container is not None and b.container is not None
+            o = statistics.median(over[backend])
+            r = rtt(a.container.ns, b.container.address.ip)
+            name = f"{backend} (container -> container, MTU {a.container.mtu}):"
+            print(f"{name:<46}median {o / 1e9:6.2f} Gbit/s  {[round(x / 1e9, 2) for x in over[backend]]}")
+            print(f"  {backend} / underlay throughput: {o / u:.2f}; ping RTT {r:.3f} ms (+{r - rtt_under:.3f} ms)")
     finally:
         cluster.cleanup()
 

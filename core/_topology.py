@@ -11,6 +11,12 @@ the code under test.  The layout is the one of a small rack::
     container ns i ─ subnet .2, default route via .1 (what a CNI bridge plugin would make)
     store ns   ─ 192.0.2.254/24, where an etcd listens when the etcd store is used
 
+    router ns  ─ (``add_routed_host``) 192.0.2.1 on the switch, 198.51.100.1 on a second bridge:
+                 hosts there are one routed hop away from the first segment (DirectRouting
+                 cannot reach them; host-gw must refuse them)
+    plain ns   ─ (``add_plain``) an address on the switch and nothing else: an "outside" machine
+                 with no route to the overlay, or a stranger outside the cluster
+
 Every namespace and interface name starts with a per-run prefix ``ovd<4 hex>-`` (interface names
 stay within the kernel's 15 characters); ``cni0`` is the one exception, on purpose, because that
 is the name operators know, and it only ever lives inside a host namespace of ours.  A record in
@@ -73,6 +79,8 @@ __all__ = [  # the lab helpers the e2e tests reach through this module
 log = logging.getLogger(__name__)
 
 UNDERLAY = IPv4Network("192.0.2.0/24")
+ROUTED_UNDERLAY = IPv4Network("198.51.100.0/24")  # the second segment, behind the router namespace
+ROUTER_ADDRESS = IPv4Interface("192.0.2.1/24")
 STORE_ADDRESS = IPv4Interface("192.0.2.254/24")
 HOST_BASE = 10  # host i gets 192.0.2.(10 + i)
 MAX_HOSTS = 200
@@ -379,12 +387,12 @@ class Host:
 
         With *fresh*, an existing subnet file is removed first, so its reappearance means "ready".
         """
-        if fresh:
-            self.subnet_file.unlink(missing_ok=True)
         if self.daemon is None or self.daemon.argv != self.daemon_argv(global_args):
             if self.daemon is not None and self.daemon.running:
-                self.daemon.stop()
+                self.daemon.stop()  # first: a running daemon would rewrite the file we remove
             self.daemon = NsProcess(self.ns, self.daemon_argv(global_args), self.workdir / "overlayd.log", _child_env())
+        if fresh:
+            self.subnet_file.unlink(missing_ok=True)
         self.daemon.start()
         return self.daemon
 
@@ -499,6 +507,7 @@ class Cluster:
         self.processes: list[NsProcess] = []
         self.namespaces: list[str] = []
         self.etcd: Any = None  # an overlayd._lab.etcd.EtcdServer once start_etcd() ran
+        self.router_ns: str | None = None
         self._overlayd: str | None = None
         self._cleaned = False
 
@@ -588,8 +597,75 @@ class Cluster:
         self._plug(ns, host.switch_port, host.underlay_if, host.underlay)
         # Routing between cni0 and the overlay device; inside this namespace only.
         host.exec(["sysctl", "-q", "-w", "net.ipv4.ip_forward=1"])
+        if self.router_ns is not None:
+            self._route_to_segment2(host)
         self.hosts.append(host)
         return host
+
+    def _route_to_segment2(self, host: Host) -> None:
+        if host.underlay.ip in UNDERLAY:
+            host.ip("route", "add", str(ROUTED_UNDERLAY), "via", str(ROUTER_ADDRESS.ip))
+        else:
+            host.ip("route", "add", str(UNDERLAY), "via", str(ROUTED_UNDERLAY.network_address + 1))
+
+    def add_router(self) -> str:
+        """The router namespace: on the switch at 192.0.2.1 and the gateway of a second segment
+        198.51.100.0/24 (a bridge of its own); first-segment hosts get a route to it."""
+        if self.router_ns is not None:
+            return self.router_ns
+        ns = f"{self.prefix}rt"
+        self.add_netns(ns)
+        self._plug(ns, f"{self.prefix}pr", f"{self.prefix}r", ROUTER_ADDRESS)
+        bridge = f"{self.prefix}br2"
+        gateway = f"{ROUTED_UNDERLAY.network_address + 1}/{ROUTED_UNDERLAY.prefixlen}"
+        run(["ip", "-n", ns, "link", "add", bridge, "type", "bridge"])
+        run(["ip", "-n", ns, "addr", "add", gateway, "dev", bridge])
+        run(["ip", "-n", ns, "link", "set", bridge, "up"])
+        run(ns_exec(ns, ["sysctl", "-q", "-w", "net.ipv4.ip_forward=1"]))
+        self.router_ns = ns
+        for host in self.hosts:
+            self._route_to_segment2(host)
+        if self.store_ns is not None:
+            run(["ip", "-n", self.store_ns, "route", "add", str(ROUTED_UNDERLAY), "via", str(ROUTER_ADDRESS.ip)])
+        return ns
+
+    def add_routed_host(self) -> Host:
+        """One more host on the second segment, one routed hop (the router namespace) away."""
+        router = self.add_router()
+        index = len(self.hosts)
+        if index >= MAX_HOSTS:
+            raise TopologyError(f"at most {MAX_HOSTS} hosts")
+        ns = f"{self.prefix}h{index}"
+        address = ROUTED_UNDERLAY.network_address + HOST_BASE + index
+        host = Host(
+            cluster=self,
+            index=index,
+            ns=ns,
+            underlay_if=f"{self.prefix}u{index}",
+            switch_port=f"{self.prefix}p{index}",
+            underlay=IPv4Interface(f"{address}/{ROUTED_UNDERLAY.prefixlen}"),
+            workdir=self.workdir / f"host{index}",
+        )
+        host.workdir.mkdir(parents=True, exist_ok=True)
+        self.add_netns(ns)
+        _check_ifname(host.switch_port, host.underlay_if)
+        port, inside = host.switch_port, host.underlay_if
+        run(["ip", "-n", router, "link", "add", port, "type", "veth", "peer", "name", inside, "netns", ns])
+        run(["ip", "-n", router, "link", "set", port, "master", f"{self.prefix}br2", "up"])
+        host.ip("addr", "add", str(host.underlay), "dev", inside)
+        host.ip("link", "set", inside, "up")
+        host.exec(["sysctl", "-q", "-w", "net.ipv4.ip_forward=1"])
+        self._route_to_segment2(host)
+        self.hosts.append(host)
+        return host
+
+    def add_plain(self, tag: str, address: IPv4Interface) -> str:
+        """A namespace on the switch with *address* and nothing else (no route to the overlay):
+        an outside machine, or a stranger that is not in the cluster.  Returns its name."""
+        ns = f"{self.prefix}{tag}"
+        self.add_netns(ns)
+        self._plug(ns, f"{self.prefix}p{tag}", f"{self.prefix}{tag}i", address)
+        return ns
 
     def _add_store_ns(self) -> None:
         self.store_ns = f"{self.prefix}st"

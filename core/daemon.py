@@ -25,6 +25,9 @@ last desired state keeps being enforced, so kernel drift is still repaired) and 
 capped, jittered exponential backoff.  A lost lease is re-acquired,
 preferring the same subnet, instead of exiting.  The subnet file is desired state too: every
 pass compares it with what it should say and rewrites it when someone deleted or edited it.
+So are the firewall rules (masquerade, forward, the overlay-port allow-list; ``overlayd.firewall``):
+read back when the peers or the lease change and once per resync period, replaced in one
+transaction when they differ, never flushed on a restart.
 
 The daemon owns no process-wide state: no signal handlers, no logging config.  ``run()`` returns
 when the given ``threading.Event`` is set; the CLI owns the process.
@@ -52,6 +55,7 @@ import attrs
 from . import _loader, plan
 from .config import DEFAULT_BACKEND_TYPE, NetworkConfig
 from .errors import HistoryGone, KernelError, LeaseLost, OverlaydError, StoreCorrupted, TransientError, UserError
+from .firewall import Firewall, NoFirewall, RuleSet, desired_ruleset, open_firewall
 from .health import DaemonStatus, HealthServer
 from .hostiface import select_host
 from .incremental import Reconciler
@@ -93,6 +97,12 @@ class DaemonSettings:
     public_ip: str | None = None
     subnet_file: str = "/run/flannel/subnet.env"
     ip_masq: bool = False
+    #: ``nftables``, ``iptables`` or ``none``.  The CLI's default is nftables; the library's is
+    #: none, so a program embedding the daemon never changes a host's firewall unasked.
+    firewall: str = "none"
+    forward_rules: bool = True
+    #: None: on for a backend with an overlay UDP port (vxlan, udp), off otherwise.
+    restrict_overlay_port: bool | None = None
     healthz_ip: str = "127.0.0.1"
     healthz_port: int = 0
     resync_period: float = DEFAULT_RESYNC_PERIOD
@@ -223,6 +233,12 @@ class Daemon:
         self._reported: set[tuple[str, int]] = set()
         self._subnet_file_text: str | None = None  # what this daemon last wrote there
         self._health: HealthServer | None = None
+        self.firewall: Firewall = NoFirewall()
+        self._peers: list[Lease] = []  # the valid peers of the last pass, for the firewall
+        self._peers_changed = True  # did the last pass see another peer set than the one before?
+        self._rules_for: tuple[Any, ...] | None = None  # (lease subnets, host IPs) of the last ensure
+        self._rules_ensured: tuple[RuleSet, ...] | None = None  # what the firewall last held
+        self._rules_checked = float("-inf")  # monotonic time of the last read-back
         #: Prometheus metrics of this daemon (its own registry); recorded at the "# metrics:" lines.
         self.metrics = Metrics()
         self._desired: frozenset[Any] | None = None  # the previous pass's desired state (drift)
@@ -268,6 +284,8 @@ class Daemon:
         problem = public_ip_problem(ip, self.config.network) if ip is not None else None
         if problem is not None:
             raise UserError(f"public IP {ip} {problem}; pass --public-ip or --iface")
+        self.firewall = open_firewall(settings.firewall)
+        self.status.rules_installed = isinstance(self.firewall, NoFirewall)
         backend = self._backend or _loader.new_backend(
             self.config.backend_type, backend_options_in_force(settings, self.config.backend_type)
         )
@@ -343,8 +361,15 @@ class Daemon:
             network=self.config.network,
             subnet=self.lease.subnet,
             mtu=self.network.mtu,
-            ip_masq=self.settings.ip_masq,
+            ip_masq=self.masquerades,
         ).render()
+
+    @property
+    def masquerades(self) -> bool:
+        """True when this daemon installs the masquerade rules.  The subnet file says
+        ``FLANNEL_IPMASQ=true`` only then: the flannel CNI convention reads it as "the daemon does
+        NAT" and turns the bridge plugin's own masquerade off."""
+        return self.settings.ip_masq and not isinstance(self.firewall, NoFirewall)
 
     def _keep_subnet_file(self) -> None:
         """Make the subnet file say what it should: written at start, repaired when someone
@@ -374,6 +399,10 @@ class Daemon:
                 log.warning("could not release lease %s: %s", self.lease.subnet, exc)
         if self.network is not None:
             self.network.teardown()
+        try:
+            self.firewall.remove()
+        except OverlaydError as exc:
+            log.warning("could not remove the firewall rules: %s", exc)
         try:
             os.unlink(self.settings.subnet_file)
         except FileNotFoundError:
@@ -484,11 +513,10 @@ class Daemon:
                     raise
                 self._pass_metrics(leases, kernel, rec, change, peer_slots, changed, audit, polled)
                 self._keep_subnet_file()
-                # ---- FIREWALL HOOK (host-level state over the whole peer set) --------------------
-                # The firewall step goes here, once per pass, e.g.
-                #     self._keep_firewall(list(self.valid_peer_leases.values()), bool(changed) or audit)
-                # bool(changed): the valid-peer set changed in this pass; audit: this is an audit pass
-                # (refresh everything).  Peers are self.valid_peer_leases (by key).
+                # ---- FIREWALL HOOK: host-level state over the whole peer set, once per pass ----------
+                # bool(changed): the valid-peer set changed in this pass; audit: an audit pass.  The
+                # peers are passed as a view: _keep_firewall reads them only when it acts.
+                self._keep_firewall(self.valid_peer_leases.values(), changed=bool(changed) or audit)
                 # -----------------------------------------------------------------------------------
                 if audit or len(changed) >= TRIM_AFTER:
                     _trim_heap()
@@ -704,6 +732,7 @@ class Daemon:
                 self._keep_lease(snapshot)
                 self.reconcile(snapshot)
                 self._keep_subnet_file()
+                self._keep_firewall(self._peers, changed=self._peers_changed)
                 log.debug(
                     "pass at revision %d: list %.1f ms, reconcile %.1f ms",
                     snapshot.revision,
@@ -803,6 +832,7 @@ class Daemon:
         started = time.monotonic()
         self._skipped = []
         peers = self.valid_peers(snapshot.leases)
+        self._peers_changed, self._peers = peers != self._peers, peers
         desired = self.network.desired_state(self.lease, peers)
         actual = self.network.actual_state()
         change = plan.diff(desired, actual)
@@ -834,6 +864,73 @@ class Daemon:
         self.metrics.kernel_entries(plan.simulate(actual, change))
         self.metrics.pass_done(time.monotonic() - started, len(change.add), len(removals))
         return change
+
+    def desired_rules(self, peers: Iterable[Lease]) -> tuple[RuleSet, ...]:
+        """The firewall rule sets for this host, one per address family the network has."""
+        assert self.config is not None and self.network is not None and self.lease is not None
+        settings, host, config, lease = self.settings, self.host, self.config, self.lease
+        restrict = settings.restrict_overlay_port
+        port = self.network.overlay_port if restrict is None or restrict else None
+        peers = tuple(peers)
+        families = [
+            (config.network, lease.subnet, host.public_ip if host else None),
+            (config.ipv6_network, lease.ipv6_subnet, host.public_ipv6 if host else None),
+        ]
+        return tuple(
+            desired_ruleset(
+                network,
+                subnet,
+                ip_masq=settings.ip_masq,
+                forward=settings.forward_rules,
+                overlay_port=port,
+                leases=peers,
+                own_public_ip=own_ip,
+            )
+            for network, subnet, own_ip in families
+            if network is not None and subnet is not None
+        )
+
+    def _keep_firewall(self, peers: Iterable[Lease], changed: bool) -> None:
+        """Keep our firewall rules equal to the desired ones (masquerade, forward, allow-list).
+
+        The desired rules are built and ``Firewall.ensure`` reads the kernel's back and replaces
+        them when they differ: when *changed* says the peer set changed, when this host's lease
+        (subnet) or addresses changed, and otherwise once per resync period, as the audit that puts
+        hand edits back.  Any other call returns at once without touching *peers* (O(1)), so an
+        event-driven loop may call it on every event.  A write replaces our table (or chains) in
+        one transaction, so there is never a moment without NAT.
+        """
+        if isinstance(self.firewall, NoFirewall):
+            return
+        assert self.lease is not None
+        host = self.host
+        key = (self.lease.subnet, self.lease.ipv6_subnet, host.public_ip if host else None)
+        now = time.monotonic()
+        due = now - self._rules_checked >= self.settings.resync_period
+        if not (changed or due or key != self._rules_for):
+            return
+        want = self.desired_rules(peers)
+        try:
+            for ruleset in want:
+                if not self.firewall.ensure(ruleset):
+                    continue
+                self.metrics.firewall_resync()  # metrics
+                if self._rules_ensured is not None:
+                    if self._rules_ensured == want:
+                        log.warning(
+                            "firewall rules of %s (%s) were changed by hand; put back",
+                            self.firewall.name,
+                            ruleset.family,
+                        )
+                    else:
+                        log.info("firewall rules of %s (%s) updated", self.firewall.name, ruleset.family)
+        except OverlaydError:
+            self.status.rules_installed = False
+            self._rules_ensured = self._rules_for = None
+            raise
+        self._rules_ensured, self._rules_for = want, key
+        self._rules_checked = now
+        self.status.rules_installed = True
 
     def _reconcile_quietly(self, snapshot: LeaseList) -> None:
         try:

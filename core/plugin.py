@@ -668,6 +668,11 @@ class Network(abc.ABC):
     #: A failed start tears down only what it created, so a restart never cuts live traffic.
     created: bool = True
 
+    #: The UDP port peers send the overlay's packets to (vxlan: its port), or None for a backend
+    #: that has none (host-gw, cloud routes).  With ``--restrict-overlay-port`` only the public
+    #: IPs of current leases may send to it.
+    overlay_port: int | None = None
+
     @property
     @abc.abstractmethod
     def mtu(self) -> int:

@@ -6,7 +6,7 @@ contracts in pyproject.toml hold the built-in plugins to that).  docs/writing-a-
 the same names; a name that is not here is internal and may change without notice.
 """
 
-from . import netlink
+from . import netlink, tun
 from .config import NetworkConfig
 from .decode import DecodeError, load_json
 from .errors import (
@@ -61,8 +61,11 @@ from .plugin import (
     to_bool,
 )
 from .routenet import RouteNetwork
+from .udpfwd import COUNTERS, ForwarderProcess
+from .udpfwd import Table as ForwardingTable
 
 __all__ = [
+    "COUNTERS",
     "Backend",
     "Change",
     "ChangeList",
@@ -72,6 +75,8 @@ __all__ = [
     "EntryList",
     "EventKind",
     "FdbEntry",
+    "ForwarderProcess",
+    "ForwardingTable",
     "GarbledLease",
     "HistoryGone",
     "HostInfo",
@@ -121,4 +126,5 @@ __all__ = [
     "simulate",
     "subnet_to_key",
     "to_bool",
+    "tun",
 ]

@@ -1,5 +1,5 @@
-"""The backend contract against every backend installed here: alloc, vxlan (in a fresh network
-namespace on the real kernel) and the example third-party routes-file backend."""
+"""The backend contract against every backend installed here: alloc, vxlan, host-gw and udp (in a fresh
+network namespace on the real kernel) and the example third-party routes-file backend."""
 
 from __future__ import annotations
 
@@ -39,3 +39,25 @@ class TestVxlanContract(BackendContract):
         index = ip_json(ns, "link", "show", "eth0")[0]["ifindex"]
         host = HostInfo("eth0", index, 1500, IPv4Address("192.0.2.1"), iface_addr=IPv4Address("192.0.2.1"))
         return BackendEnv("vxlan", {}, host, lambda: in_netns(ns))
+
+
+@pytest.mark.root
+class TestHostGwContract(BackendContract):
+    @pytest.fixture
+    def backend_env(self, netns_factory: Callable[..., str]) -> BackendEnv:
+        ns, far = netns_factory("g"), netns_factory("gf")
+        veth(ns, "eth0", far, "eth0", "192.0.2.1/24", "192.0.2.2/24")
+        index = ip_json(ns, "link", "show", "eth0")[0]["ifindex"]
+        host = HostInfo("eth0", index, 1500, IPv4Address("192.0.2.1"), iface_addr=IPv4Address("192.0.2.1"))
+        return BackendEnv("host-gw", {}, host, lambda: in_netns(ns))
+
+
+@pytest.mark.root
+class TestUdpContract(BackendContract):
+    @pytest.fixture
+    def backend_env(self, netns_factory: Callable[..., str]) -> BackendEnv:
+        ns, far = netns_factory("u"), netns_factory("uf")
+        veth(ns, "eth0", far, "eth0", "192.0.2.1/24", "192.0.2.2/24")
+        index = ip_json(ns, "link", "show", "eth0")[0]["ifindex"]
+        host = HostInfo("eth0", index, 1500, IPv4Address("192.0.2.1"), iface_addr=IPv4Address("192.0.2.1"))
+        return BackendEnv("udp", {}, host, lambda: in_netns(ns))

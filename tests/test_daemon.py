@@ -279,3 +279,11 @@ def test_subnet_file_reads_are_bounded_and_regular_files_only(tmp_path: Path) ->
     normal = tmp_path / "subnet.env"
     normal.write_text("FLANNEL_NETWORK=10.30.0.0/16\nFLANNEL_SUBNET=10.30.7.1/24\n")
     assert str(previous_subnet(str(normal))) == "10.30.7.0/24"
+
+
+def test_ipmasq_is_true_in_the_subnet_file_only_when_the_daemon_masquerades(cluster: Callable[..., Host]) -> None:
+    """The flannel CNI convention reads FLANNEL_IPMASQ=true as "the daemon does NAT" and turns the
+    bridge plugin's own masquerade off: with --firewall none nobody would masquerade."""
+    host = cluster("a", "192.0.2.1", ip_masq=True, firewall="none")
+    assert read_env(str(host.subnet_file))["FLANNEL_IPMASQ"] == "false"
+    assert host.daemon.masquerades is False and host.daemon.status.rules_installed
