@@ -180,6 +180,11 @@ class UdpNetwork(RouteNetwork):
     def desired_state(self, own: Lease, peers: Sequence[Lease]) -> frozenset[Any]:
         return super().desired_state(own, peers) | {self.network_route}
 
+    def kernel_cache(self) -> None:
+        """No kernel cache: the forwarder's table is not kernel state, and the whole-network route
+        belongs to no one peer, so the daemon keeps the un-cached loop (``actual_state`` per pass)."""
+        return None
+
     def actual_state(self) -> frozenset[Any]:
         forwarder = self.forwarder
         table = forwarder.table if forwarder is not None and forwarder.alive else None

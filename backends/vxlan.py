@@ -236,6 +236,9 @@ class VxlanNetwork(RouteNetwork):
     def mtu(self) -> int:
         return self.spec.mtu
 
+    def owned_device(self) -> str | None:
+        return self.device
+
     @property
     def backend_data(self) -> Mapping[str, Any]:
         return {"VNI": self.settings.vni, "VtepMAC": str(self.mac)}
@@ -329,6 +332,9 @@ class VxlanNetwork(RouteNetwork):
                 | netlink.read_neighbours(ipr, self.device)
                 | netlink.read_fdb(ipr, self.device)
             )
+
+    def local_state_ok(self) -> bool:
+        return netlink.link_exists(self.device)
 
     def before_apply(self, ipr: Any) -> None:
         if netlink.get_link(ipr, self.device) is None:

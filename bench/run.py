@@ -3,7 +3,8 @@
 Each compares overlayd against the physical limit measured in the same run: overlay vs underlay
 throughput, kernel programming vs ``ip -batch``, and the store's watch latency.  ``--quick``
 shortens the scale bench's windows (10 s idle instead of 60 s).  The scale bench writes
-docs/performance.png (``pip install '.[bench]'`` for matplotlib), relative to the repository root.
+docs/performance-after.json (its figures) and docs/performance.png (``pip install '.[bench]'``
+for matplotlib), relative to the repository root.
 """
 
 from __future__ import annotations
@@ -18,7 +19,15 @@ BENCHES = [
     ("udp backend: underlay vs vxlan vs udp plain vs udp offload", ["udp.py"]),
     (
         "control plane at scale: N = 100 / 1000 / 5000 peers",
-        ["scale.py", "--peers", "100,1000,5000", "--plot", "docs/performance.png"],
+        [
+            "scale.py",
+            "--peers",
+            "100,1000,5000",
+            "--plot",
+            "docs/performance.png",
+            "--json",
+            "docs/performance-after.json",
+        ],
     ),
     ("kernel read-back: pyroute2 vs the kernel-state cache's dump", ["kernel_dump.py"]),
     ("etcd store: watch latency and outage CPU", ["etcd_watch.py"]),

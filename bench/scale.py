@@ -500,7 +500,7 @@ def main() -> None:
     parser.add_argument(
         "--gap", type=float, default=0.2, help="pause before each latency-sample write (the daemon is idle)"
     )
-    parser.add_argument("--resync-period", type=float, default=10.0, help="the daemon's --resync-period")
+    parser.add_argument("--resync-period", type=float, default=300.0, help="the daemon's --resync-period (the audit)")
     parser.add_argument("--timeout", type=float, default=600.0, help="give up waiting for the kernel after this")
     parser.add_argument("--baseline-max", type=int, default=5000, help="run the ip -batch baseline up to this N")
     parser.add_argument("--json", help="write the figures to this file")

@@ -289,9 +289,10 @@ def _global_options(f: Callable[..., Any]) -> Callable[..., Any]:
         click.option(
             "--resync-period",
             type=click.FloatRange(0.1),
-            default=10.0,
+            default=300.0,
             show_default=True,
-            help="Seconds between full reconciles.",
+            help="Seconds between audits: a full store re-list, kernel read-back and diff (passes in "
+            "between cost only what changed; backends without a kernel cache do a full pass at least every 10 s).",
         ),
         click.option(
             "--probe-interval",

@@ -6,13 +6,23 @@ interface, load or create the network config, pick the options of the backend th
 let the backend prepare its device (so BackendData such as the VTEP MAC is known), acquire or
 reuse a lease carrying that data, finish the backend setup, then write the subnet file.
 
-Then one loop, single-threaded on purpose: each pass lists every lease (a snapshot, never a
-replay of events), keeps our own lease alive, computes the desired kernel state for the valid
-peer leases, reads the actual state from the kernel and applies the difference.  Between passes
-it waits on the store's event stream, which only decides *when* the next pass runs: a change,
-the resync period, or the renewal deadline, whichever comes first.  A store outage leaves the
-datapath untouched (the last snapshot keeps being enforced, so kernel drift is still repaired)
-and is retried with capped, jittered exponential backoff.  A lost lease is re-acquired,
+Then one loop, single-threaded on purpose, level-triggered at event-driven cost.  For a backend
+whose network answers ``kernel_cache()`` (vxlan and every ``RouteNetwork``) the loop keeps two
+caches and reads only them: the leases (:class:`overlayd.leasecache.LeaseCache`: one listing, then
+the store's watch) and our kernel objects (:class:`overlayd.kernelcache.KernelCache`: one read,
+then netlink notifications).  A pass re-validates only the leases that changed, recomputes only
+those peers' kernel objects (:class:`overlayd.incremental.Reconciler`) and diffs only the slots
+they or the kernel's notifications touched; so one event costs the same at 10 peers or 5000, and
+an entry deleted by hand is back within a wait slice (half a second).  Every resync period (the
+audit, minutes) it re-lists the store, re-reads the kernel and diffs everything; lost history
+(``HistoryGone``) re-lists, a netlink overrun (``ENOBUFS``) re-reads the kernel and runs a full
+diff.  A backend without a kernel cache (alloc, third-party ones) keeps the original loop: each
+pass lists every lease (a snapshot, never a replay of events), computes the desired state, reads
+the actual state from the kernel and applies the difference, at least every
+``UNCACHED_RESYNC_CAP`` seconds.  In both, the store's event stream only decides *when* the next
+pass runs, our own lease is renewed when due, a store outage leaves the datapath untouched (the
+last desired state keeps being enforced, so kernel drift is still repaired) and is retried with
+capped, jittered exponential backoff.  A lost lease is re-acquired,
 preferring the same subnet, instead of exiting.  The subnet file is desired state too: every
 pass compares it with what it should say and rewrites it when someone deleted or edited it.
 So are the firewall rules (masquerade, forward, the overlay-port allow-list; ``overlayd.firewall``):
@@ -25,11 +35,15 @@ when the given ``threading.Event`` is set; the CLI owns the process.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import logging
 import os
 import random
+import select
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
@@ -44,9 +58,12 @@ from .errors import HistoryGone, KernelError, LeaseLost, OverlaydError, StoreCor
 from .firewall import Firewall, NoFirewall, RuleSet, desired_ruleset, open_firewall
 from .health import DaemonStatus, HealthServer
 from .hostiface import select_host
-from .metrics import Metrics, drifted
+from .incremental import Reconciler
+from .kernelcache import KernelCache
+from .leasecache import LeaseCache
+from .metrics import Metrics, drifted, kind_of
 from .model import Lease, LeaseAttrs, LeaseList
-from .peers import public_ip_problem, valid_peers
+from .peers import invalid_reason, public_ip_problem, resolve_claims, valid_peers
 from .plugin import Backend, HostInfo, Network, Store
 from .probe import ping
 from .subnetfile import SubnetFile, check_writable, previous_subnet, read_bounded, write_subnet_file
@@ -56,6 +73,8 @@ log = logging.getLogger(__name__)
 WAIT_SLICE = 0.5  # longest a single store wait may block, so a stop is seen quickly
 DEBOUNCE = 0.005  # after a change, wait this long for its siblings before reconciling
 MIN_RENEW_INTERVAL = 1.0  # renewals never follow each other faster, whatever the clocks say
+DEFAULT_RESYNC_PERIOD = 300.0  # the audit: store re-list, kernel read-back, full diff
+UNCACHED_RESYNC_CAP = 10.0  # a backend without a kernel cache still gets a full pass this often
 
 
 @attrs.frozen
@@ -86,12 +105,31 @@ class DaemonSettings:
     restrict_overlay_port: bool | None = None
     healthz_ip: str = "127.0.0.1"
     healthz_port: int = 0
-    resync_period: float = 10.0
+    resync_period: float = DEFAULT_RESYNC_PERIOD
     release_on_exit: bool = False
     #: Seconds between ICMP probes of every peer's overlay address (0: off); see ``Prober``.
     probe_interval: float = 0.0
     #: Export ``overlayd_peer_reachable{peer=...}``: one series per peer, so off by default.
     probe_per_peer: bool = False
+
+
+TRIM_AFTER = 500  # a pass that changed this many peers returns freed heap to the system afterwards
+
+
+def _trim_heap() -> None:
+    """Give freed heap back to the system (glibc ``malloc_trim``; a no-op elsewhere).
+
+    A bulk change (thousands of leases decoded from the store at once, a full kernel read) peaks
+    well above the steady state, and glibc keeps the freed memory mapped; trimming after such a
+    pass keeps the idle RSS near what the caches hold."""
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return
+    try:
+        trim = ctypes.CDLL(name).malloc_trim
+    except (OSError, AttributeError):
+        return
+    trim(0)
 
 
 def run(settings: DaemonSettings, stop: threading.Event) -> None:
@@ -170,7 +208,9 @@ def backend_options_in_force(settings: DaemonSettings, backend: str) -> dict[str
 class Daemon:
     def __init__(self, settings: DaemonSettings, *, store: Store | None = None, backend: Backend | None = None) -> None:
         self.settings = settings
-        self.status = DaemonStatus(resync_period=settings.resync_period)
+        # passes run at least every UNCACHED_RESYNC_CAP seconds (the cached loop: every wait slice),
+        # so liveness is judged against that, not against the (minutes-long) audit period
+        self.status = DaemonStatus(resync_period=min(settings.resync_period, UNCACHED_RESYNC_CAP))
         self._store = store
         self._backend = backend
         self._owns_store = store is None
@@ -179,6 +219,17 @@ class Daemon:
         self.network: Network | None = None
         self.lease: Lease | None = None
         self._snapshot: LeaseList | None = None
+        #: The valid peer leases by key, kept incrementally by the cached loop (see
+        #: ``_update_valid_peers``); host-level state that depends on the whole peer set is
+        #: refreshed only in a pass where this changed.
+        self.valid_peer_leases: dict[str, Lease] = {}
+        self._candidates: dict[str, Lease] = {}  # leases that passed the per-lease checks
+        self._claimants: dict[tuple[str, str], set[str]] = {}  # exclusive claim -> candidate keys
+        self._claims_of: dict[str, frozenset[tuple[str, str]]] = {}
+        self._skipped_by_key: dict[str, str] = {}  # why each invalid lease is skipped (metrics)
+        #: The caches of the cached loop (None in the un-cached loop); for tests and benches.
+        self.lease_cache: LeaseCache | None = None
+        self.kernel_cache: KernelCache | None = None
         self._reported: set[tuple[str, int]] = set()
         self._subnet_file_text: str | None = None  # what this daemon last wrote there
         self._health: HealthServer | None = None
@@ -384,6 +435,291 @@ class Daemon:
     # -- the loop ----------------------------------------------------------------------------
 
     def loop(self, stop: threading.Event) -> None:
+        """Reconcile until *stop* is set: the cached loop when the network offers a kernel cache."""
+        assert self.network is not None
+        scope = self.network.kernel_cache()
+        if scope is None:
+            self._loop_uncached(stop)
+            return
+        kernel = KernelCache(scope.device, protocol=scope.protocol, table=scope.table, audit_period=float("inf"))
+        self.kernel_cache = kernel
+        try:
+            self._loop_cached(stop, kernel)
+        finally:
+            kernel.close()
+            self.kernel_cache = None
+
+    # -- the cached loop -----------------------------------------------------------------------
+
+    def _loop_cached(self, stop: threading.Event, kernel: KernelCache) -> None:
+        assert self.network is not None
+        leases = LeaseCache(self.store, audit_period=float("inf"))  # the daemon times the audit
+        self.lease_cache = leases
+        rec: Reconciler[Any] = Reconciler(kernel, self.network.apply)
+        backoff = Backoff()
+        built_for: Any = None  # (key, subnet, attrs) of the own lease the desired index was built for
+        next_audit = float("-inf")
+        listings = 0
+        while not stop.is_set():
+            try:
+                fresh = kernel.fileno_or_none() is None
+                if fresh:
+                    kernel.open()  # subscribes, then reads the kernel fully
+                    built_for = None
+                audit = time.monotonic() >= next_audit
+                if audit:
+                    leases.invalidate()  # the next poll lists the store
+                started = time.monotonic()
+                if leases.poll(0.0 if audit else self._poll_timeout()) and not audit:
+                    stop.wait(DEBOUNCE)  # let a burst of writes land in one pass
+                    leases.poll(0.0)
+                polled = time.monotonic()
+                self.status.store_healthy = True
+                self.metrics.store_up(True)  # metrics
+                if leases.listings > listings and not audit:
+                    self.metrics.relisted()  # metrics: lost history (or a reconnect) made the cache list again
+                listings = leases.listings
+                self._keep_lease_cached(leases)
+                assert self.lease is not None
+                kernel.drain()
+                own = (self.lease.key, self.lease.subnet, self.lease.attrs)
+                rebuild = built_for != own  # our lease or host changed: every peer's objects may differ
+                if audit or kernel.needs_resync:
+                    if not audit:
+                        log.info("the kernel cache may have missed changes; re-reading the kernel, diffing everything")
+                    if not fresh or kernel.needs_resync:  # open() has just read it
+                        kernel.resync()
+                    audit = True
+                    next_audit = time.monotonic() + self.settings.resync_period
+                elif rebuild and not fresh:
+                    kernel.resync()  # activating another subnet may have flushed routes silently
+                full = audit or rebuild
+                keys = leases.take_changes()
+                # the audit re-checks every lease's validity too; the peers whose valid lease
+                # differs (a re-list reports what changed) get their objects recomputed
+                changed = self._update_valid_peers(leases.leases, None if full else keys)
+                peer_slots: frozenset[Any] | None = None  # None: every slot may have a new desired content
+                if rebuild:
+                    rec.rebuild({key: self._peer_objects(lease) for key, lease in self.valid_peer_leases.items()})
+                    built_for = own
+                else:
+                    peer_slots = rec.set_peers(
+                        {key: self._peer_objects(self.valid_peer_leases.get(key)) for key in changed}
+                    )
+                try:
+                    change = rec.run(full=full)
+                except OverlaydError:
+                    self.metrics.pass_failed()  # metrics
+                    raise
+                self._pass_metrics(leases, kernel, rec, change, peer_slots, changed, audit, polled)
+                self._keep_subnet_file()
+                # ---- FIREWALL HOOK: host-level state over the whole peer set, once per pass ----------
+                # bool(changed): the valid-peer set changed in this pass; audit: an audit pass.  The
+                # peers are passed as a view: _keep_firewall reads them only when it acts.
+                self._keep_firewall(self.valid_peer_leases.values(), changed=bool(changed) or audit)
+                # -----------------------------------------------------------------------------------
+                if audit or len(changed) >= TRIM_AFTER:
+                    _trim_heap()
+                if audit:
+                    log.debug(
+                        "audit at revision %d: %d valid peers, list %.1f ms, pass %.1f ms",
+                        leases.revision,
+                        len(self.valid_peer_leases),
+                        (polled - started) * 1000,
+                        (time.monotonic() - polled) * 1000,
+                    )
+                self.status.first_reconcile_done = True
+                self.status.last_reconcile = time.monotonic()
+                self.status.peers_programmed = len(self.valid_peer_leases)
+                backoff.reset()
+            except TransientError as exc:
+                self._note_error(exc)
+                self.status.store_healthy = False
+                self.metrics.store_up(False)  # metrics
+                self.metrics.watch_restarted()  # metrics: the cache lists and watches afresh
+                self._enforce_while_waiting(kernel, rec, backoff.next(), stop, enforce=leases.listings > 0)
+            except OverlaydError as exc:
+                # e.g. the kernel refused one change: keep running, the next pass retries those slots
+                self._note_error(exc)
+                if isinstance(exc, StoreCorrupted):
+                    self.status.store_healthy = False
+                    self.metrics.store_up(False)  # metrics
+                stop.wait(backoff.next())
+
+    _tally_at = float("-inf")  # when the kernel-entry gauges were last counted in full
+    _tally_due = True
+    _kernel_counts: Counter[str] = Counter()  # our kernel objects by kind (metrics)
+
+    def _pass_metrics(
+        self,
+        leases: LeaseCache,
+        kernel: KernelCache,
+        rec: Reconciler[Any],
+        change: plan.Plan[Any],
+        peer_slots: frozenset[Any] | None,
+        changed: set[str],
+        audit: bool,
+        started: float,
+    ) -> None:
+        """The cached pass's metrics and log line, at a cost that does not grow with N except
+        where the figure itself is a count over everything (at most once a second)."""
+        assert self.lease is not None
+        removals = change.removals()
+        now = time.monotonic()
+        if audit or (self._tally_due and now - self._tally_at >= 1.0):
+            # metrics: a full count from the cache (which has not yet heard of this pass's apply:
+            # the difference below adds it), at most once a second and at each audit
+            self._kernel_counts = Counter(kind_of(obj) for obj in kernel.objects())
+            self._tally_at, self._tally_due = now, False
+            self.metrics.kernel_entry_counts(self._kernel_counts)
+        if not change.empty:
+            # drift: what a pass repairs in slots no lease change touched (a rebuild counts none)
+            repaired: list[Any] = []
+            if peer_slots is not None:
+                repaired = [obj for obj in change.add if obj.key not in peer_slots]
+                repaired.extend(
+                    obj for obj in removals if obj.key not in peer_slots and not rec.desired.objects_in([obj.key])
+                )
+            self.metrics.drift_repaired(repaired)  # metrics
+            log.info(
+                "reconciled: %d added or replaced, %d removed",
+                len(change.add),
+                len(removals),
+                extra={"added": len(change.add), "removed": len(removals), "drift": len(repaired)},
+            )
+            # metrics: the kernel entries after this apply, by difference over the touched slots
+            # (the cache hears our own changes only at the next drain); recounted in full later
+            slots = {obj.key for obj in change.add} | {obj.key for obj in change.remove}
+            before = kernel.objects_in(slots)
+            self._kernel_counts.update(kind_of(obj) for obj in plan.simulate(before, change))
+            self._kernel_counts.subtract(kind_of(obj) for obj in before)
+            self.metrics.kernel_entry_counts(self._kernel_counts)
+            self._tally_due = True
+        if changed or audit or not change.empty:
+            known = len(leases.leases) - (self.lease.key in leases.leases)
+            self.metrics.peers(known, len(self.valid_peer_leases), self._skipped_by_key.values())  # metrics
+            if self.settings.probe_interval > 0 and self._probe_address is not None:
+                targets = {str(p.subnet): self._probe_address(p) for p in self.valid_peer_leases.values()}
+                self._probe_targets = {subnet: address for subnet, address in targets.items() if address is not None}
+        self.metrics.pass_done(time.monotonic() - started, len(change.add), len(removals))  # metrics
+
+    def _enforce_while_waiting(
+        self, kernel: KernelCache, rec: Reconciler[Any], seconds: float, stop: threading.Event, *, enforce: bool
+    ) -> None:
+        """Back off from the store for *seconds*, still repairing kernel drift as it is notified
+        (the last desired state keeps being enforced while the store is away).  Nothing is
+        enforced before the first listing: an empty desired state is not a known one."""
+        deadline = time.monotonic() + seconds
+        while not stop.is_set():
+            try:
+                if enforce and kernel.fileno_or_none() is not None:
+                    kernel.drain()
+                    if kernel.needs_resync:
+                        kernel.resync()
+                    rec.run()
+                    self.status.last_reconcile = time.monotonic()
+            except OverlaydError as exc:
+                log.warning("reconcile from the last desired state failed: %s", exc)
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            fileno = kernel.fileno_or_none()
+            if fileno is None:
+                stop.wait(min(remaining, WAIT_SLICE))
+            else:
+                select.select([fileno], [], [], min(remaining, WAIT_SLICE))
+
+    def _poll_timeout(self) -> float:
+        renew_at = self._renew_due_in()
+        return WAIT_SLICE if renew_at is None else max(0.0, min(WAIT_SLICE, renew_at))
+
+    def _keep_lease_cached(self, leases: LeaseCache) -> None:
+        assert self.lease is not None
+        current = leases.leases.get(self.lease.key)
+        self._keep_lease(LeaseList((current,) if current is not None else (), leases.revision))
+
+    def _peer_objects(self, lease: Lease | None) -> frozenset[Any]:
+        """The kernel objects for one valid peer (none for a peer that is gone or invalid)."""
+        assert self.network is not None and self.lease is not None
+        return frozenset() if lease is None else self.network.desired_state(self.lease, [lease])
+
+    def _update_valid_peers(self, leases: Mapping[str, Lease], keys: Iterable[str] | None) -> set[str]:
+        """Bring ``valid_peer_leases`` up to date for the leases *keys* (None: all of them);
+        returns the keys whose valid lease changed (appeared, went, or is another version).
+
+        Validity is :func:`overlayd.peers.valid_peers`'s, computed piecewise: the per-lease checks
+        for each changed key, then the exclusive claims re-resolved only among the leases that
+        share a claim (transitively) with a changed one — the answer ``valid_peers`` gives over
+        the whole set, since unconnected leases cannot affect each other's claims.
+        """
+        assert self.config is not None and self.network is not None and self.lease is not None
+        own = self.lease
+        host = self.host
+        addresses = (host.public_ip, host.iface_addr, host.public_ipv6) if host is not None else ()
+        if keys is None:
+            self._candidates, self._claimants, self._claims_of, self._skipped_by_key = {}, {}, {}, {}
+            todo: set[str] = set(leases) | set(self.valid_peer_leases)
+        else:
+            todo = set(keys)
+        touched: set[tuple[str, str]] = set()
+        for key in todo:
+            for claim in self._claims_of.pop(key, frozenset()):
+                touched.add(claim)
+                holders = self._claimants.get(claim)
+                if holders is not None:
+                    holders.discard(key)
+                    if not holders:
+                        del self._claimants[claim]
+            self._candidates.pop(key, None)
+            self._skipped_by_key.pop(key, None)
+            lease = leases.get(key)
+            if lease is None or key == own.key or (lease.is_reservation and not lease.attrs.backend_type):
+                continue
+            reason = invalid_reason(self.config, self.network, own, lease, addresses)
+            if reason is not None:
+                self._report_invalid(key, lease.revision, reason)
+                self._skipped_by_key[key] = reason
+                continue
+            self._candidates[key] = lease
+            claims = self.network.exclusive_claims(lease)
+            self._claims_of[key] = claims
+            for claim in claims:
+                touched.add(claim)
+                self._claimants.setdefault(claim, set()).add(key)
+        # every candidate connected to a touched claim competes again
+        group: set[str] = {key for key in todo if key in self._candidates}
+        frontier = list(touched)
+        seen: set[tuple[str, str]] = set()
+        while frontier:
+            claim = frontier.pop()
+            if claim in seen:
+                continue
+            seen.add(claim)
+            for key in self._claimants.get(claim, ()):
+                if key not in group:
+                    group.add(key)
+                    frontier.extend(self._claims_of.get(key, ()))
+        winners, losers = resolve_claims(own, [self._candidates[key] for key in group], self.network.exclusive_claims)
+        won = {lease.key: lease for lease in winners}
+        for key in group:
+            self._skipped_by_key.pop(key, None)
+        for lease, reason in losers:
+            self._report_invalid(lease.key, lease.revision, reason)
+            self._skipped_by_key[lease.key] = reason
+        changed: set[str] = set()
+        for key in todo | group:
+            old, new = self.valid_peer_leases.get(key), won.get(key)
+            if old is not new and old != new:
+                changed.add(key)
+            if new is None:
+                self.valid_peer_leases.pop(key, None)
+            else:
+                self.valid_peer_leases[key] = new
+        return changed
+
+    # -- the un-cached loop (backends without a kernel cache) ----------------------------------
+
+    def _loop_uncached(self, stop: threading.Event) -> None:
         backoff = Backoff()
         while not stop.is_set():
             try:
@@ -440,7 +776,7 @@ class Daemon:
                 log.debug("probe: %d of %d peers answered", sum(answers.values()), len(answers))
 
     def _wait_for_change(self, revision: int, stop: threading.Event) -> None:
-        deadline = time.monotonic() + self.settings.resync_period
+        deadline = time.monotonic() + min(self.settings.resync_period, UNCACHED_RESYNC_CAP)
         renew_at = self._renew_due_in()
         if renew_at is not None:
             deadline = min(deadline, time.monotonic() + renew_at)

@@ -137,10 +137,14 @@ class Reconciler(Generic[T]):
         self._apply = apply
         self._pending: set[Slot] = set()
 
-    def set_peers(self, objects: Mapping[str, Iterable[T]]) -> None:
-        """What each changed peer wants now (an empty iterable for a peer that is gone or invalid)."""
+    def set_peers(self, objects: Mapping[str, Iterable[T]]) -> frozenset[Slot]:
+        """What each changed peer wants now (an empty iterable for a peer that is gone or invalid);
+        returns the slots whose desired content this may have changed."""
+        touched: set[Slot] = set()
         for peer, objs in objects.items():
-            self._pending |= self.desired.set_peer(peer, objs)
+            touched |= self.desired.set_peer(peer, objs)
+        self._pending |= touched
+        return frozenset(touched)
 
     def rebuild(self, objects: Mapping[str, Iterable[T]]) -> None:
         """Every peer's objects afresh (our own lease or the host changed): touched = what differs."""

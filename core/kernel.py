@@ -121,6 +121,18 @@ class FdbEntry:
         return f"{self.lladdr} dst {self.dst} dev {self.dev}"
 
 
+@attrs.frozen
+class KernelScope:
+    """What a ``Network`` owns in the kernel, so the daemon can keep it in a notification-fed cache
+    (:class:`overlayd.kernelcache.KernelCache`) instead of reading it back every pass: routes
+    of *protocol* in *table*, and — when *device* is set — the permanent neighbour and FDB
+    entries on that device.  ``Network.kernel_cache()`` returns one (or None: no cache)."""
+
+    device: str | None = None
+    protocol: int = RTPROT_OVERLAYD
+    table: int = RT_TABLE_MAIN
+
+
 #: Everything :func:`overlayd.netlink.apply_plan` can program.
 KernelObject = Route | Neighbour | FdbEntry
 

@@ -15,7 +15,9 @@ three quarters of the daemon's CPU.  Calico's felix keeps a dataplane cache inst
 * **What notifications do not say.**  IPv4 removes the routes through a device that goes down or
   disappears without sending ``RTM_DELROUTE`` (``fib_sync_down_dev``/``fib_flush`` in
   net/ipv4/fib_semantics.c, fib_frontend.c); the link group tells us, so a deleted device drops
-  everything cached on it and a device going down (or being renamed) asks for a resync.
+  everything cached on it and a device going down (or being renamed) asks for a resync.  The
+  same silent flush happens when a device loses its last IPv4 address (``fib_disable_ip``), so
+  an address removed from a device our objects use (``RTNLGRP_IPV4_IFADDR``) asks for one too.
 * **Overrun.**  When the socket's receive buffer overflows the kernel drops notifications and the
   next ``recv`` fails with ``ENOBUFS`` (netlink(7)); the cache cannot know what it missed, so it
   sets :attr:`KernelCache.needs_resync` and the next :meth:`KernelCache.resync` re-reads
@@ -76,8 +78,9 @@ NLMSG_ERROR, NLMSG_DONE = 2, 3
 RTM_NEWLINK, RTM_DELLINK, RTM_GETLINK = 16, 17, 18
 RTM_NEWROUTE, RTM_DELROUTE, RTM_GETROUTE = 24, 25, 26
 RTM_NEWNEIGH, RTM_DELNEIGH, RTM_GETNEIGH = 28, 29, 30
+RTM_DELADDR = 21
 NLM_F_REQUEST, NLM_F_MULTI, NLM_F_DUMP_INTR, NLM_F_REPLACE, NLM_F_DUMP = 0x1, 0x2, 0x10, 0x100, 0x300
-RTNLGRP_LINK, RTNLGRP_NEIGH, RTNLGRP_IPV4_ROUTE = 1, 3, 7
+RTNLGRP_LINK, RTNLGRP_NEIGH, RTNLGRP_IPV4_IFADDR, RTNLGRP_IPV4_ROUTE = 1, 3, 5, 7
 AF_BRIDGE = 7
 IFF_UP = 0x1
 RTN_UNICAST = 1
@@ -203,7 +206,7 @@ class KernelCache:
     def open(self) -> None:
         """Subscribe to notifications, then read the kernel fully."""
         if self._sock is None:
-            groups = _groups(RTNLGRP_LINK, RTNLGRP_NEIGH, RTNLGRP_IPV4_ROUTE)
+            groups = _groups(RTNLGRP_LINK, RTNLGRP_NEIGH, RTNLGRP_IPV4_IFADDR, RTNLGRP_IPV4_ROUTE)
             self._sock, _ = open_socket(groups, self._rcvbuf, strict=False)
             self._sock.setblocking(False)
             self._dump_sock, self._strict_on = open_socket(0, None, strict=self._strict)
@@ -221,6 +224,10 @@ class KernelCache:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+    def fileno_or_none(self) -> int | None:
+        """The notification socket's descriptor, or None before :meth:`open` (and after :meth:`close`)."""
+        return None if self._sock is None else self._sock.fileno()
 
     def fileno(self) -> int:
         """The notification socket, readable when :meth:`drain` has something to do."""
@@ -422,7 +429,14 @@ class KernelCache:
                 self._slots.pop(slot, None)
 
     def _handle(self, data: bytes, kind: int, flags: int, body: int, end: int) -> None:
-        if kind in (RTM_NEWLINK, RTM_DELLINK):
+        if kind == RTM_DELADDR:
+            # the last IPv4 address leaving a device flushes the routes through it silently
+            # (fib_disable_ip); we cannot tell which address was the last one, so re-read
+            (index,) = struct.unpack_from("=i", data, body + 4)  # ifaddrmsg: family, prefixlen, flags, scope, index
+            name = self._names.get(index)
+            if name is not None and self._uses(name):
+                self.needs_resync = True
+        elif kind in (RTM_NEWLINK, RTM_DELLINK):
             self._on_link(kind, *self._link(data, body, end))
         elif kind in (RTM_NEWROUTE, RTM_DELROUTE):
             route = self._route(data, body, end)

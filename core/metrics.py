@@ -244,7 +244,10 @@ class Metrics:
 
     def kernel_entries(self, objects: Iterable[object]) -> None:
         """The kernel objects overlayd owns now (the actual state read by a pass, or a cache's)."""
-        tally = Tally(kind_of(obj) for obj in objects)
+        self.kernel_entry_counts(Tally(kind_of(obj) for obj in objects))
+
+    def kernel_entry_counts(self, tally: Mapping[str, int]) -> None:
+        """The same from counts by kind (the cached loop keeps them up to date by difference)."""
         for kind in ("route", "neigh", "fdb", *tally):
             self._kernel_entries.labels(kind).set(tally.get(kind, 0))
 

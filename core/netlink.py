@@ -15,6 +15,14 @@ Design:
   update never leaves a gap; ``EEXIST`` on a plain add and ``ENOENT``/``ESRCH``/``ENODEV``/
   ``EADDRNOTAVAIL`` on delete count as success.  Anything else becomes a ``KernelError`` that
   says what was being done and, for ``EOPNOTSUPP``, which kernel feature is missing.
+* **Batched writes.**  :func:`apply_batch` encodes every change of a plan as a raw rtnetlink
+  request (``struct``, no pyroute2 objects) and sends hundreds of them in one ``send``; the
+  kernel handles the requests of one datagram in order and queues one ack per request, which
+  are then collected and matched back to their objects by sequence number.  One round trip per
+  chunk instead of one per object is what makes 5000 peers (15 000 objects) take a fraction of
+  a second rather than several seconds.  The errno rules are the same as for the one-at-a-time
+  functions below; a failure names its object.  Chunks stay well under the socket buffers, so
+  acks are never dropped (netlink(7): an overrun ack queue fails with ``ENOBUFS``).
 * **One socket per call site.**  :func:`open_iproute` opens an ``IPRoute`` in the calling
   thread's network namespace (a netlink socket belongs to the netns it was created in, see
   netlink(7)); callers open one per pass and close it, which keeps threads and netns switches
@@ -33,11 +41,13 @@ import ipaddress
 import logging
 import os
 import socket
+import struct
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network, IPv6Address, IPv6Interface, IPv6Network
 from typing import Any
 
+import attrs
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
@@ -79,6 +89,7 @@ __all__ = [
     "add_address",
     "add_link",
     "add_vxlan",
+    "apply_batch",
     "apply_plan",
     "connected_networks",
     "default_routes",
@@ -92,6 +103,7 @@ __all__ = [
     "iproute",
     "ipv4_interfaces",
     "kernel_error",
+    "link_exists",
     "link_index",
     "link_names",
     "open_iproute",
@@ -119,9 +131,9 @@ DELETE_OK = frozenset({errno.ENOENT, errno.ESRCH, errno.ENODEV, errno.EADDRNOTAV
 # -- errors ----------------------------------------------------------------------------------------
 
 
-def kernel_error(what: str, exc: NetlinkError, feature: str | None = None) -> KernelError:
-    """A ``KernelError`` naming the operation, the errno, and the likely cause."""
-    code = exc.code
+def kernel_error(what: str, exc: NetlinkError | int, feature: str | None = None) -> KernelError:
+    """A ``KernelError`` naming the operation, the errno (or the ``NetlinkError``), and the likely cause."""
+    code = exc if isinstance(exc, int) else exc.code
     reason = os.strerror(code) if code else str(exc)
     hint = ""
     if code == errno.EOPNOTSUPP:
@@ -204,6 +216,15 @@ def link_index(ipr: IPRoute, name: str) -> int:
     if link is None:
         raise KernelError(f"network device {name!r} does not exist")
     return link.index
+
+
+def link_exists(name: str) -> bool:
+    """Does device *name* exist in the calling thread's namespace?  (One ioctl, no netlink socket.)"""
+    try:
+        socket.if_nametoindex(name)
+    except OSError:
+        return False
+    return True
 
 
 def link_names(ipr: IPRoute) -> dict[int, str]:
@@ -534,3 +555,232 @@ def apply_plan(ipr: IPRoute, plan: Plan[Any]) -> None:
     for neigh in ordered(removals, Neighbour):
         log.debug("delete neighbour %s", neigh)
         delete_neighbour(ipr, neigh, index)
+
+
+# -- batched writes --------------------------------------------------------------------------------
+
+_NLMSG_ERROR = 2
+_RTM_NEWROUTE, _RTM_DELROUTE, _RTM_NEWNEIGH, _RTM_DELNEIGH = 24, 25, 28, 29
+_NLM_F_REQUEST, _NLM_F_ACK, _NLM_F_REPLACE, _NLM_F_CREATE = 0x1, 0x4, 0x100, 0x400
+_RTA_DST, _RTA_OIF, _RTA_GATEWAY, _RTA_PRIORITY, _RTA_TABLE = 1, 4, 5, 6, 15
+_NDA_DST, _NDA_LLADDR = 1, 2
+_RTN_UNICAST, _RT_SCOPE_UNIVERSE, _RT_SCOPE_NOWHERE = 1, 0, 255
+_AF_BRIDGE = 7
+_SO_SNDBUFFORCE, _SO_RCVBUFFORCE = 32, 33
+_NLMSGHDR = struct.Struct("=IHHII")
+_RTMSG = struct.Struct("=BBBBBBBBI")
+_NDMSG = struct.Struct("=BBHiHBB")
+_NLA = struct.Struct("=HH")
+#: Requests per ``send``: ~100 bytes each, so a chunk is far below the socket buffers set below.
+BATCH_CHUNK = 512
+_BATCH_BUFFER = 4 << 20
+
+
+def _nla(kind: int, payload: bytes) -> bytes:
+    length = _NLA.size + len(payload)
+    return _NLA.pack(length, kind) + payload + b"\0" * ((-length) % 4)
+
+
+def _u32(value: int) -> bytes:
+    return struct.pack("=I", value)
+
+
+def _route_request(route: Route, index: Callable[[str], int] | None, seq: int) -> bytes:
+    """RTM_NEWROUTE (replace) when *index* is given, else RTM_DELROUTE (matched by the slot)."""
+    family = _family(route.dst)
+    table = route.table if route.table < 256 else 0
+    attrs = _nla(_RTA_DST, route.dst.network_address.packed)
+    if route.table >= 256:
+        attrs += _nla(_RTA_TABLE, _u32(route.table))
+    if route.metric:
+        attrs += _nla(_RTA_PRIORITY, _u32(route.metric))
+    if index is None:
+        kind, flags = _RTM_DELROUTE, _NLM_F_REQUEST | _NLM_F_ACK
+        body = _RTMSG.pack(family, route.dst.prefixlen, 0, 0, table, route.protocol, _RT_SCOPE_NOWHERE, 0, 0)
+    else:
+        kind, flags = _RTM_NEWROUTE, _NLM_F_REQUEST | _NLM_F_ACK | _NLM_F_CREATE | _NLM_F_REPLACE
+        body = _RTMSG.pack(
+            family,
+            route.dst.prefixlen,
+            0,
+            0,
+            table,
+            route.protocol,
+            _RT_SCOPE_UNIVERSE,
+            _RTN_UNICAST,
+            RTNH_F_ONLINK if route.onlink else 0,
+        )
+        attrs += _nla(_RTA_OIF, _u32(index(route.dev)))
+        if route.gateway is not None:
+            if route.gateway.version != route.dst.version:
+                raise KernelError(f"setting route {route}: a gateway of another address family is not supported")
+            attrs += _nla(_RTA_GATEWAY, route.gateway.packed)
+    return _message(kind, flags, seq, body + attrs)
+
+
+def _neigh_request(obj: Neighbour | FdbEntry, ifindex: int, add: bool, seq: int) -> bytes:
+    if isinstance(obj, Neighbour):
+        family, state, ntf = _family(obj.dst), NUD_PERMANENT, 0
+        attrs = _nla(_NDA_DST, obj.dst.packed) + (_nla(_NDA_LLADDR, obj.lladdr.packed) if add else b"")
+    else:
+        family, state, ntf = _AF_BRIDGE, NUD_PERMANENT | NUD_NOARP, NTF_SELF
+        attrs = _nla(_NDA_LLADDR, obj.lladdr.packed) + _nla(_NDA_DST, obj.dst.packed)
+    if add:
+        kind, flags = _RTM_NEWNEIGH, _NLM_F_REQUEST | _NLM_F_ACK | _NLM_F_CREATE | _NLM_F_REPLACE
+    else:
+        kind, flags, state = _RTM_DELNEIGH, _NLM_F_REQUEST | _NLM_F_ACK, 0
+    return _message(kind, flags, seq, _NDMSG.pack(family, 0, 0, ifindex, state, ntf, 0) + attrs)
+
+
+def _message(kind: int, flags: int, seq: int, payload: bytes) -> bytes:
+    return _NLMSGHDR.pack(_NLMSGHDR.size + len(payload), kind, flags, seq, 0) + payload
+
+
+@attrs.frozen
+class _Request:
+    what: str
+    ok: frozenset[int]
+    feature: str | None
+    data: bytes
+
+
+def _if_index(name: str) -> int:
+    try:
+        return socket.if_nametoindex(name)
+    except OSError as exc:
+        raise KernelError(f"network device {name!r} does not exist") from exc
+
+
+def _requests(plan: Plan[Any]) -> Iterator[_Request | KernelError]:
+    """The plan as raw requests, in :func:`apply_plan`'s order (sequence numbers filled in later)."""
+    indexes: dict[str, int | None] = {}
+
+    def index(name: str) -> int:
+        if name not in indexes:
+            try:
+                indexes[name] = _if_index(name)
+            except KernelError:
+                indexes[name] = None
+        found = indexes[name]
+        if found is None:
+            raise KernelError(f"network device {name!r} does not exist")
+        return found
+
+    def index_or_none(name: str) -> int | None:
+        try:
+            return index(name)
+        except KernelError:
+            return None
+
+    def add(what: str, feature: str | None, build: Callable[[], bytes]) -> _Request | KernelError:
+        try:
+            return _Request(what, frozenset(), feature, build())
+        except KernelError as exc:  # e.g. its device is missing: the others still go ahead
+            return KernelError(f"{what} failed: {exc}")
+
+    def ordered(objs: Iterable[Any], kind: type) -> list[Any]:
+        return sorted((o for o in objs if isinstance(o, kind)), key=str)
+
+    for obj in plan.add:
+        if not isinstance(obj, Route | Neighbour | FdbEntry):
+            raise TypeError(f"netlink.apply_batch cannot program {type(obj).__name__} objects")
+
+    def neigh_add(obj: Neighbour | FdbEntry) -> Callable[[], bytes]:
+        return lambda: _neigh_request(obj, index(obj.dev), True, 0)
+
+    def route_add(route: Route) -> Callable[[], bytes]:
+        return lambda: _route_request(route, index, 0)
+
+    for neigh in ordered(plan.add, Neighbour):
+        yield add(f"setting neighbour {neigh}", None, neigh_add(neigh))
+    for entry in ordered(plan.add, FdbEntry):
+        yield add(f"setting FDB entry {entry}", "VXLAN FDB entries", neigh_add(entry))
+    for route in ordered(plan.add, Route):
+        yield add(f"setting route {route}", None, route_add(route))
+    removals = plan.removals()
+    for route in ordered(removals, Route):
+        yield _Request(f"deleting route {route}", DELETE_OK, None, _route_request(route, None, 0))
+    for entry in ordered(plan.remove, FdbEntry):
+        ifindex = index_or_none(entry.dev)
+        if ifindex is not None:  # the device is gone, and its entries with it
+            yield _Request(f"deleting FDB entry {entry}", DELETE_OK, None, _neigh_request(entry, ifindex, False, 0))
+    for neigh in ordered(removals, Neighbour):
+        ifindex = index_or_none(neigh.dev)
+        if ifindex is not None:
+            yield _Request(f"deleting neighbour {neigh}", DELETE_OK, None, _neigh_request(neigh, ifindex, False, 0))
+
+
+def _batch_socket() -> socket.socket:
+    try:
+        sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE)
+    except OSError as exc:
+        raise KernelError(f"cannot open a netlink socket: {exc}") from exc
+    try:
+        for force, plain in ((_SO_SNDBUFFORCE, socket.SO_SNDBUF), (_SO_RCVBUFFORCE, socket.SO_RCVBUF)):
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, force, _BATCH_BUFFER)
+            except PermissionError:
+                sock.setsockopt(socket.SOL_SOCKET, plain, _BATCH_BUFFER)
+        sock.bind((0, 0))
+    except OSError as exc:
+        sock.close()
+        raise KernelError(f"cannot set up a netlink socket: {exc}") from exc
+    return sock
+
+
+def apply_batch(plan: Plan[Any], chunk: int = BATCH_CHUNK) -> int:
+    """:func:`apply_plan`'s changes, in its order and with its errno rules, many per round trip.
+
+    Opens a raw rtnetlink socket in the calling thread's network namespace, sends the requests
+    in chunks of *chunk* (one ``send`` each) and collects every ack before the next chunk.  The
+    kernel carries on after a failed request, so one bad object does not hold the others back;
+    the first failure is raised afterwards as a ``KernelError`` naming its object (the others
+    are logged).  Returns the number of requests sent.
+    """
+    failures: list[KernelError] = []
+    requests: list[_Request] = []
+    for item in _requests(plan):
+        if isinstance(item, KernelError):
+            failures.append(item)
+        else:
+            requests.append(item)
+    if not requests and not failures:
+        return 0
+    sock = _batch_socket()
+    try:
+        for start in range(0, len(requests), chunk):
+            part = requests[start : start + chunk]
+            waiting: dict[int, _Request] = {}
+            data = bytearray()
+            for seq, request in enumerate(part, start=start + 1):
+                raw = bytearray(request.data)
+                struct.pack_into("=I", raw, 8, seq)
+                data += raw
+                waiting[seq] = request
+            try:
+                sock.send(bytes(data))
+                while waiting:
+                    reply = sock.recv(1 << 20)
+                    offset = 0
+                    while offset + _NLMSGHDR.size <= len(reply):
+                        length, kind, _flags, seq, _pid = _NLMSGHDR.unpack_from(reply, offset)
+                        if length < _NLMSGHDR.size:
+                            break
+                        if kind == _NLMSG_ERROR and seq in waiting:
+                            (code,) = struct.unpack_from("=i", reply, offset + _NLMSGHDR.size)
+                            request = waiting.pop(seq)
+                            if code and -code in request.ok:
+                                log.debug("%s: %s counts as done", request.what, os.strerror(-code))
+                            elif code:
+                                failures.append(kernel_error(request.what, -code, request.feature))
+                        offset += (length + 3) & ~3
+            except OSError as exc:
+                raise KernelError(f"netlink batch ({len(part)} requests) failed: {exc}") from exc
+    finally:
+        sock.close()
+    for failure in failures[1:]:
+        log.warning("%s", failure)
+    if failures:
+        more = f" (and {len(failures) - 1} more, logged)" if len(failures) > 1 else ""
+        raise KernelError(f"{failures[0]}{more}")
+    return len(requests)

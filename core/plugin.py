@@ -40,6 +40,7 @@ from .errors import (
     StoreUnavailable,
     UserError,
 )
+from .kernel import KernelScope
 from .model import (
     EventKind,
     Lease,
@@ -697,6 +698,15 @@ class Network(abc.ABC):
         Called only on leases that passed :meth:`check_peer`, and on this host's own lease.
         """
         return frozenset()
+
+    def kernel_cache(self) -> KernelScope | None:
+        """What of the kernel this network owns, when the daemon may keep it in a cache fed by
+        netlink notifications (routes, neighbours, FDB entries written through
+        :mod:`overlayd.netlink`); None (the default) keeps the un-cached loop, which calls
+        :meth:`actual_state` every pass.  A network that answers must also make
+        ``desired_state(own, [peer])`` depend on that one peer only: the daemon then recomputes a
+        peer's objects when its lease changes, and diffs only those slots."""
+        return None
 
     @abc.abstractmethod
     def desired_state(self, own: Lease, peers: Sequence[Lease]) -> frozenset[Any]:

@@ -25,7 +25,7 @@ from .errors import (
     TransientError,
     UserError,
 )
-from .kernel import FdbEntry, KernelObject, Link, MacAddress, Neighbour, Route
+from .kernel import FdbEntry, KernelObject, KernelScope, Link, MacAddress, Neighbour, Route
 from .model import (
     EventKind,
     Lease,
@@ -82,6 +82,7 @@ __all__ = [
     "HostInfo",
     "KernelError",
     "KernelObject",
+    "KernelScope",
     "Lease",
     "LeaseAttrs",
     "LeaseConflict",

@@ -123,6 +123,10 @@ def file_damage(path: str) -> str | None:
     page_size = 65536 if page_size == 1 else page_size
     if page_size < 512 or size % page_size:
         return f"truncated to {size} bytes, not a whole number of {page_size}-byte pages"
+    # file format versions (bytes 18-19: 1 legacy, 2 WAL) and schema format (44-47: 0 for an
+    # empty file, else 1-4), see https://www.sqlite.org/fileformat.html#the_database_header
+    if header[18] not in (1, 2) or header[19] not in (1, 2) or int.from_bytes(header[44:48], "big") > 4:
+        return "unsupported file format (damaged header)"
     return None
 
 
@@ -171,17 +175,25 @@ class EmbeddedStore(Store):
                 return
             except StoreCorrupted:
                 raise
-            except (sqlite3.OperationalError, StoreUnavailable) as exc:
-                if "locked" not in str(exc) and "busy" not in str(exc):
-                    raise UserError(
-                        f"cannot open the embedded store at {path} ({exc}); pass --embedded-path with a writable file"
-                    ) from exc
-                self._check_file(force=True)
-                if time.monotonic() > deadline:
-                    raise StoreUnavailable(f"embedded store {path} stayed locked for {OPEN_TIMEOUT:.0f}s") from exc
-                time.sleep(0.05)
+            except sqlite3.OperationalError as exc:
+                if "unsupported file format" in str(exc) or "malformed" in str(exc):
+                    raise self._translate(exc) from exc
+                self._retry_open(path, exc, deadline)
+            except StoreUnavailable as exc:
+                self._retry_open(path, exc, deadline)
             except sqlite3.DatabaseError as exc:
                 raise self._translate(exc) from exc
+
+    def _retry_open(self, path: str, exc: Exception, deadline: float) -> None:
+        """Lock contention while opening waits (up to ``OPEN_TIMEOUT``); anything else is the user's."""
+        if "locked" not in str(exc) and "busy" not in str(exc):
+            raise UserError(
+                f"cannot open the embedded store at {path} ({exc}); pass --embedded-path with a writable file"
+            ) from exc
+        self._check_file(force=True)
+        if time.monotonic() > deadline:
+            raise StoreUnavailable(f"embedded store {path} stayed locked for {OPEN_TIMEOUT:.0f}s") from exc
+        time.sleep(0.05)
 
     def _upgrade(self, db: sqlite3.Connection) -> None:
         """Add the ``created`` column to files written before it existed."""
@@ -209,7 +221,8 @@ class EmbeddedStore(Store):
         name = getattr(exc, "sqlite_errorname", "")
         if isinstance(exc, sqlite3.ProgrammingError | sqlite3.InterfaceError):  # e.g. used after close()
             return StoreUnavailable(f"embedded store {self._path}: {text}")
-        if isinstance(exc, sqlite3.OperationalError) and name not in _CORRUPT_CODES and "no such table" not in text:
+        damaged = name in _CORRUPT_CODES or "no such table" in text or "unsupported file format" in text
+        if isinstance(exc, sqlite3.OperationalError) and not damaged:
             if "locked" in text or "busy" in text:
                 return StoreUnavailable(f"embedded store {self._path} is locked: {text}")
             return StoreUnavailable(f"embedded store {self._path} failed: {text}")

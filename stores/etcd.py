@@ -12,11 +12,23 @@ Design notes:
 * 0.12's generated protobuf modules only load with the pure-Python protobuf runtime when
   protobuf >= 4 is installed, hence the ``setdefault`` of
   ``PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION`` before the import (users never have to know).
-* ``watch_entries`` opens one short gRPC watch stream per call, starting at
-  ``since_revision + 1`` with ``prev_kv``.  Nothing outlives the call, so there is nothing to
-  go stale across reconnects; a call on a dead or hung etcd fails with ``StoreUnavailable``
-  after at most ``WATCH_CREATE_TIMEOUT`` (no "watch created" answer), and the caller backs off.
-  Compaction is reported by etcd on the stream and becomes ``HistoryGone``.
+* ``watch_entries`` keeps **one long-lived gRPC watch stream** (``_WatchStream``), opened at
+  ``since_revision + 1`` with ``prev_kv`` and read by a thread of its own into a buffer; a call
+  takes what is buffered or waits for it.  A stream per call (the first design) cost a stream
+  set-up twice a second per idle daemon and up to 100 ms of latency per event (a new watcher
+  starting in the past is "unsynced" and etcd catches those up every 100 ms); a long-lived one
+  is synced and hears a write at once.  The stream is tied to the member and to the revision
+  the caller is at: a call from another revision (after a re-list), a failover to another
+  member, an error or compaction on the stream all end it, and the next call opens a new one
+  from the caller's revision — so nothing is ever skipped or replayed twice.  The stream never
+  reconnects by itself (python-etcd3's own watch was rejected because its thread busy-loops
+  while etcd is down and stays silently dead after a reconnect): its thread records the error
+  and ends; the caller gets ``StoreUnavailable`` and backs off.  A *hung* member (SIGSTOP,
+  partition) sends no error: after ``WATCH_QUIET`` seconds without a word the call asks for a
+  progress report (``WatchProgressRequest``, etcd >= 3.4), and no answer within
+  ``WATCH_CREATE_TIMEOUT`` ends the stream as unavailable.  Opening a stream that is not
+  confirmed within ``WATCH_CREATE_TIMEOUT`` fails the same way.  Compaction is reported by etcd
+  on the stream and becomes ``HistoryGone``.
 * This module implements the key-value primitives of ``Store``; the lease policy (owner
   checks, "a reservation stays a reservation", compare-and-swap retries, decoding, garbled
   entries reported once) is the base class's, shared with every store.
@@ -47,6 +59,7 @@ from __future__ import annotations
 
 import logging
 import os
+import queue
 import threading
 import time
 import warnings
@@ -101,6 +114,8 @@ T = TypeVar("T")
 REQUEST_TIMEOUT = 5.0
 #: How long a new watch may take to be confirmed before etcd counts as unreachable.
 WATCH_CREATE_TIMEOUT = 2.0
+#: A watch stream silent for this long is asked for a progress report (is the member alive?).
+WATCH_QUIET = 5.0
 #: How long a cached etcd-lease expiry is trusted before it is asked for again.
 EXPIRY_CACHE_SECONDS = 60.0
 #: Rounds over all members while etcd elects a leader, and the pause between them.
@@ -241,6 +256,7 @@ class EtcdStore(Store):
         self._clients: dict[int, etcd3.Etcd3Client] = {}
         self._current = 0
         self._expiry: dict[int, tuple[float, float]] = {}  # lease id -> (expires at, fetched at)
+        self._stream: _WatchStream | None = None
         self._closed = False
 
     def __repr__(self) -> str:
@@ -626,70 +642,49 @@ class EtcdStore(Store):
     # -- watching -----------------------------------------------------------------------------
 
     def watch_entries(self, since_revision: int, timeout: float) -> ChangeList:
-        return self._call("watch", lambda client: self._watch_once(client, since_revision, timeout))
+        return self._call("watch", lambda client: self._watch_on(client, since_revision, timeout))
 
-    def _watch_once(self, client: etcd3.Etcd3Client, since_revision: int, timeout: float) -> ChangeList:
-        url = str(client._url)
-        prefix = (self._prefix + "/").encode()
-        create = etcdrpc.WatchCreateRequest(
-            key=prefix, range_end=_prefix_end(prefix), start_revision=since_revision + 1, prev_kv=True
-        )
-        finished = threading.Event()
-
-        def requests() -> Iterator[Any]:
-            yield etcdrpc.WatchRequest(create_request=create)
-            finished.wait()  # keep the stream open (no half-close) until we are done
-
-        created = threading.Event()
-        timed_out = threading.Event()
-        call = etcdrpc.WatchStub(client.channel).Watch(
-            requests(), max(timeout, WATCH_CREATE_TIMEOUT), metadata=client.metadata
-        )
-
-        def expire() -> None:
-            timed_out.set()
-            if created.is_set():
-                call.cancel()
-
-        timer = threading.Timer(max(timeout, 0.0), expire)
-        timer.daemon = True
-        timer.start()
+    def _watch_on(self, client: etcd3.Etcd3Client, since_revision: int, timeout: float) -> ChangeList:
+        """Changes after *since_revision* from the long-lived stream to *client* (opened or
+        replaced as needed, see the design notes), waiting up to *timeout* for the first."""
+        with self._lock:
+            stream = self._stream
+            if stream is not None and not stream.serves(client, since_revision):
+                self._stream = None
+            else:
+                stream = None  # nothing to close
+        if stream is not None:
+            stream.close()
+        with self._lock:
+            if self._closed:
+                raise StoreUnavailable("the etcd store is closed")
+            current = self._stream
+        if current is None:
+            current = _WatchStream(client, self._prefix, since_revision)
+            try:
+                current.wait_created()
+            except BaseException:
+                current.close()
+                raise
+            with self._lock:
+                self._stream = current
+        deadline = time.monotonic() + max(timeout, 0.0)
         revision = since_revision
-        try:
-            for response in call:
-                if response.compact_revision:
-                    raise HistoryGone(
-                        f"etcd compacted its history up to revision {response.compact_revision}, past {since_revision}"
-                    )
-                if response.canceled:
-                    reason = response.cancel_reason or "canceled by the server"
-                    if "permission denied" in reason:
-                        raise UserError(f"etcd at {url} denied watching {self._prefix}: {reason}")
-                    raise _Unavailable(url, f"watch {reason}")
-                if response.created:
-                    created.set()
-                    if timed_out.is_set():
-                        break
-                if not response.events:
-                    continue
-                events = self._convert(response.events)
-                revision = max(revision, max(int(event.kv.mod_revision) for event in response.events))
+        while True:
+            try:
+                raw, revision = current.take(deadline)
+            except BaseException:
+                with self._lock:
+                    if self._stream is current:
+                        self._stream = None
+                current.close()
+                raise
+            if raw:
+                events = self._convert(raw)
                 if events:
                     return ChangeList(tuple(events), revision)
-        except grpc.RpcError as exc:
-            code = exc.code()
-            if created.is_set() and code in (grpc.StatusCode.CANCELLED, grpc.StatusCode.DEADLINE_EXCEEDED):
-                return ChangeList((), revision)
-            if code is grpc.StatusCode.DEADLINE_EXCEEDED:
-                raise _Unavailable(url, f"no answer to a watch within {WATCH_CREATE_TIMEOUT}s") from exc
-            raise
-        finally:
-            timer.cancel()
-            finished.set()
-            call.cancel()
-        if not created.is_set():
-            raise _Unavailable(url, "watch stream ended before it was created")
-        return ChangeList((), revision)
+                continue  # only keys outside the lease directories changed: keep waiting
+            return ChangeList((), revision)
 
     def _convert(self, raw_events: Sequence[Any]) -> list[Change]:
         """etcd watch events -> changes of lease keys (decoding is the base class's)."""
@@ -724,5 +719,150 @@ class EtcdStore(Store):
             self._closed = True
             clients = list(self._clients.values())
             self._clients.clear()
+            stream, self._stream = self._stream, None
+        if stream is not None:
+            stream.close()
         for client in clients:
             client.close()
+
+
+def _progress_request() -> Any:
+    """A ``WatchRequest`` carrying a ``WatchProgressRequest`` (field 3, empty).  python-etcd3
+    0.12's generated code predates etcd 3.4's field, so the message is built from its wire form
+    (protobuf keeps unknown fields when serialising)."""
+    request = etcdrpc.WatchRequest()
+    request.MergeFromString(b"\x1a\x00")
+    return request
+
+
+class _WatchStream:
+    """One gRPC watch stream on one member, from one revision on, read by a daemon thread.
+
+    The thread only moves responses into a buffer and records how the stream ended; decoding,
+    error translation and waiting happen in the caller's thread (:meth:`take`).  See the design
+    notes for when a stream is replaced.
+    """
+
+    def __init__(self, client: etcd3.Etcd3Client, prefix: str, since_revision: int) -> None:
+        self.client = client
+        self.url = str(client._url)
+        self._prefix = prefix
+        self._since = since_revision
+        #: The revision the caller has been given everything up to (what its next call passes).
+        self.position = since_revision
+        self._cond = threading.Condition()
+        self._buffer: list[Any] = []  # raw etcd events, in order
+        self._buffered_revision = since_revision
+        self._error: BaseException | None = None
+        self._created = False
+        self._heard = time.monotonic()
+        self._progress_asked: float | None = None
+        self._requests: queue.Queue[Any] = queue.Queue()
+        key = (prefix + "/").encode()
+        create = etcdrpc.WatchCreateRequest(
+            key=key, range_end=_prefix_end(key), start_revision=since_revision + 1, prev_kv=True
+        )
+        self._requests.put(etcdrpc.WatchRequest(create_request=create))
+        self._call = etcdrpc.WatchStub(client.channel).Watch(self._outgoing(), metadata=client.metadata)
+        self._thread = threading.Thread(target=self._read, name="etcd-watch", daemon=True)
+        self._thread.start()
+
+    def serves(self, client: etcd3.Etcd3Client, since_revision: int) -> bool:
+        """Can a call from *since_revision* to *client* continue on this stream?"""
+        with self._cond:
+            return client is self.client and since_revision == self.position and self._error is None
+
+    def _outgoing(self) -> Iterator[Any]:
+        while True:
+            request = self._requests.get()
+            if request is None:
+                return  # half-close: the stream ends
+            yield request
+
+    def _read(self) -> None:
+        error: BaseException | None = None
+        try:
+            for response in self._call:
+                with self._cond:
+                    self._heard = time.monotonic()
+                    self._progress_asked = None
+                    if response.compact_revision:
+                        error = HistoryGone(
+                            f"etcd compacted its history up to revision {response.compact_revision}, past {self._since}"
+                        )
+                        break
+                    if response.canceled:
+                        reason = response.cancel_reason or "canceled by the server"
+                        if "permission denied" in reason:
+                            error = UserError(f"etcd at {self.url} denied watching {self._prefix}: {reason}")
+                        else:
+                            error = _Unavailable(self.url, f"watch {reason}")
+                        break
+                    if response.created:
+                        self._created = True
+                    if response.events:
+                        self._buffer.extend(response.events)
+                        top = max(int(event.kv.mod_revision) for event in response.events)
+                        self._buffered_revision = max(self._buffered_revision, top)
+                    self._cond.notify_all()
+            if error is None:
+                error = _Unavailable(self.url, "the watch stream ended")
+        except grpc.RpcError as exc:
+            # raised as is in the caller's thread, so the store's usual rules apply: re-authenticate
+            # on an expired token, UserError for auth/permission/TLS, failover on connection codes
+            error = exc
+        except Exception as exc:  # a channel closed under us, a protobuf surprise: never lose it
+            error = _Unavailable(self.url, f"watch stream: {exc}")
+        with self._cond:
+            if self._error is None:
+                self._error = error
+            self._cond.notify_all()
+
+    def wait_created(self) -> None:
+        """Block until etcd confirms the watch; ``_Unavailable`` (or the stream's error) if it does not."""
+        deadline = time.monotonic() + WATCH_CREATE_TIMEOUT
+        with self._cond:
+            while not self._created and self._error is None:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    raise _Unavailable(self.url, f"no answer to a watch within {WATCH_CREATE_TIMEOUT}s")
+                self._cond.wait(remaining)
+            if not self._created and self._error is not None:
+                raise self._error
+
+    def take(self, deadline: float) -> tuple[list[Any], int]:
+        """(raw events, revision): what is buffered, else the first events before *deadline*,
+        else nothing.  Raises what ended the stream; checks a quiet member for life."""
+        with self._cond:
+            while not self._buffer and self._error is None:
+                now = time.monotonic()
+                if self._progress_asked is not None and now - self._progress_asked >= WATCH_CREATE_TIMEOUT:
+                    self._error = _Unavailable(
+                        self.url, f"the watch stream went silent (no progress report within {WATCH_CREATE_TIMEOUT}s)"
+                    )
+                    break
+                if self._progress_asked is None and now - self._heard >= WATCH_QUIET:
+                    self._progress_asked = now
+                    self._requests.put(_progress_request())
+                if now >= deadline:
+                    return [], self.position
+                wake = deadline
+                if self._progress_asked is not None:
+                    wake = min(wake, self._progress_asked + WATCH_CREATE_TIMEOUT)
+                else:
+                    wake = min(wake, self._heard + WATCH_QUIET)
+                self._cond.wait(max(0.0, wake - now))
+            if self._buffer:
+                raw, self._buffer = self._buffer, []
+                self.position = self._buffered_revision
+                return raw, self.position
+            assert self._error is not None
+            raise self._error
+
+    def close(self) -> None:
+        self._requests.put(None)
+        self._call.cancel()
+        with self._cond:
+            if self._error is None:
+                self._error = _Unavailable(self.url, "the watch stream was closed")
+            self._cond.notify_all()

@@ -158,6 +158,24 @@ def test_device_removed_or_down_is_seen(host: str, cache: KernelCache) -> None:
     assert cache.objects() == call_in_netns(host, full_read)
 
 
+def test_last_address_removed_flushes_silently_and_is_seen(host: str, cache: KernelCache) -> None:
+    """A device losing its last IPv4 address loses its routes with no RTM_DELROUTE (fib_disable_ip);
+    the address notification makes the cache re-read."""
+    run(host, "ip", "route", "add", "10.93.0.0/24", "dev", DEV, "proto", "79")  # needs no address
+    settle(cache, lambda: any(getattr(o, "dst", None) == IPv4Network("10.93.0.0/24") for o in cache.objects()))
+    run(host, "ip", "addr", "add", "10.90.99.0/32", "dev", DEV)
+    run(host, "ip", "route", "add", "10.94.0.0/24", "dev", DEV, "proto", "79", "src", "10.90.99.0")
+    settle(cache, lambda: len(cache.objects()) == 8)
+    assert not cache.needs_resync
+    run(host, "ip", "addr", "del", "10.90.99.0/32", "dev", DEV)
+    cache.drain()
+    truth = call_in_netns(host, full_read)
+    assert cache.objects() != truth, "the kernel told us everything: this test proves nothing"
+    assert cache.needs_resync
+    assert cache.maybe_resync()
+    assert cache.objects() == call_in_netns(host, full_read)
+
+
 def test_overrun_marks_resync_and_resync_matches_a_full_dump(host: str) -> None:
     cache = KernelCache(DEV, rcvbuf=1)  # the kernel's minimum buffer: a few notifications
     with in_netns(host):

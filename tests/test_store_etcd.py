@@ -182,6 +182,42 @@ def test_watch_wakes_within_50ms(etcd: EtcdServer, prefix: str) -> None:
         writer.close()
 
 
+def test_one_watch_stream_serves_many_waits_and_a_relist_restarts_it(etcd: EtcdServer, prefix: str) -> None:
+    """Idle waits and event deliveries reuse one gRPC stream; a call from another revision (what a
+    re-list does) opens a new one there, so nothing is skipped or delivered twice."""
+    watcher = open_store("etcd", **etcd.store_options(prefix))
+    writer = open_store("etcd", **etcd.store_options(prefix))
+    try:
+        since = watcher.list_leases().revision
+        assert not watcher.wait_for_events(since, 0.05).events
+        stream = watcher._stream  # type: ignore[attr-defined]
+        assert stream is not None
+        first = writer.acquire_lease(NETWORK, attrs_for("192.0.2.1"))
+        got = []
+        for _ in range(20):
+            result = watcher.wait_for_events(since, 0.1)
+            got.extend(result.events)
+            since = result.revision
+        assert [e.subnet for e in got] == [first.subnet] and since == first.revision
+        assert watcher._stream is stream  # type: ignore[attr-defined]
+        second = writer.acquire_lease(NETWORK, attrs_for("192.0.2.2"))
+        replay = watcher.wait_for_events(first.revision, 2.0)
+        assert [e.subnet for e in replay.events] == [second.subnet]
+        assert watcher._stream is stream  # type: ignore[attr-defined]
+        # a caller from an older revision (a re-list there): a new stream replays both, in order
+        again = watcher.wait_for_events(first.revision - 1, 2.0)
+        assert watcher._stream is not stream  # type: ignore[attr-defined]
+        subnets = [e.subnet for e in again.events]
+        while len(subnets) < 2:
+            more = watcher.wait_for_events(again.revision, 2.0)
+            subnets.extend(e.subnet for e in more.events)
+            again = more
+        assert subnets == [first.subnet, second.subnet]
+    finally:
+        watcher.close()
+        writer.close()
+
+
 def test_list_of_1000_leases_is_fast(etcd: EtcdServer, prefix: str) -> None:
     writer = open_store("etcd", **etcd.store_options(prefix))
     reader = open_store("etcd", **etcd.store_options(prefix))

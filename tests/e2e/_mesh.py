@@ -16,7 +16,9 @@ import attrs
 from overlayd import _topology as topo
 
 NETWORK = "10.244.0.0/16"
-RESYNC = 2.0
+#: The audit period: long, so that a repair within DRIFT_REPAIR seconds shows the notification path.
+RESYNC = 600.0
+DRIFT_REPAIR = 1.0
 
 
 def embedded_store_args(cluster: topo.Cluster) -> list[str]:

@@ -18,9 +18,12 @@ from ipaddress import IPv4Interface
 import pytest
 from overlayd import _topology as topo
 
-from ._mesh import NETWORK, RESYNC, assert_full_mesh, background_ping, ping_counts, subnets, wait_full_mesh_routes
+from ._mesh import NETWORK, assert_full_mesh, background_ping, ping_counts, subnets, wait_full_mesh_routes
 
 pytestmark = [pytest.mark.root, pytest.mark.timeout(300)]
+
+#: The audit period these daemons run with: the firewall's hand edits are put back by the audit.
+RESYNC = 2.0
 
 OUTSIDE = IPv4Interface("192.0.2.200/24")
 STRANGER = IPv4Interface("192.0.2.201/24")
