@@ -59,6 +59,11 @@ class Host:
     def __init__(self, ns: str, tmp: Path, resync: float, store: Store | None = None) -> None:
         self.ns = ns
         self.subnet_file = tmp / "subnet.env"
+        # the daemon prefers its previous subnet: keep it clear of the peers' 10.77.1-99.0/24,
+        # which the tests create by hand (a random pick could take one of them first)
+        self.subnet_file.write_text(
+            "FLANNEL_NETWORK=10.77.0.0/16\nFLANNEL_SUBNET=10.77.200.1/24\nFLANNEL_MTU=1450\nFLANNEL_IPMASQ=false\n"
+        )
         settings = DaemonSettings(
             store="embedded",
             store_options={"path": str(tmp / "store.db")},
