@@ -51,8 +51,8 @@ Design notes:
   do not move (we never keep them alive), so they are cached per lease ID; the misses of a
   listing are asked for concurrently (gRPC futures), which keeps a list of 1000 leases fast.
 * Several endpoints: calls stick to the member that last answered and move on to the next one
-  on a connection error or timeout.  gRPC's reconnect backoff is capped at 2 s so a member that
-  comes back is used again quickly.
+  on a connection error or timeout.  gRPC's reconnect backoff is capped at 1 s so a member that
+  comes back is used again within about a second (the daemon retries as often).
 """
 
 from __future__ import annotations
@@ -125,7 +125,7 @@ ELECTION_PAUSE = 0.5
 _GRPC_OPTIONS = [
     ("grpc.initial_reconnect_backoff_ms", 200),
     ("grpc.min_reconnect_backoff_ms", 200),
-    ("grpc.max_reconnect_backoff_ms", 2000),
+    ("grpc.max_reconnect_backoff_ms", 1000),
     # etcd's default --grpc-keepalive-min-time is 5 s; ping less often than that.
     ("grpc.keepalive_time_ms", 10000),
     ("grpc.keepalive_timeout_ms", 5000),
