@@ -80,7 +80,8 @@ def _argv(store_args: list[str], tmp: Path, i: int) -> list[str]:
 
 
 def _kernel_state(ns: str) -> str:
-    parts = [run(ns, "ip", "-d", "-j", *what).stdout for what in (["link"], ["addr"], ["route", "show", "table", "all"])]
+    views = (["link"], ["addr"], ["route", "show", "table", "all"])
+    parts = [run(ns, "ip", "-d", "-j", *what).stdout for what in views]
     nft = subprocess.run(["ip", "netns", "exec", ns, "nft", "list", "ruleset"], capture_output=True, text=True)
     return "\n".join([*parts, nft.stdout])
 
