@@ -138,6 +138,8 @@ class LeaseCache:
         held = self._still_held(fresh)
         fresh.update(held)
         before = len(self._changed)
+        if reset:  # revisions of two stores are not comparable: every listed lease may be new
+            self._changed.update(fresh.keys() - held.keys())
         for key in self._leases.keys() - fresh.keys():
             self._changed.add(key)
         for key, lease in fresh.items():
