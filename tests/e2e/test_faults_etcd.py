@@ -3,10 +3,10 @@
 * **etcd's data wiped** (killed, data dir deleted, a fresh member on the same address): the
   daemons see a store without network config, keep every peer programmed and retry; once the
   config is put back by hand, every daemon re-creates its lease with the same subnet.
-* **etcd killed** (SIGKILL) and restarted from its data dir after ``OUTAGE`` seconds (the issue
-  says 60 s; 20 s here to keep CI short — the cost of an outage does not grow with its length:
-  one cheap retry a second): a host that joined during the outage is programmed on its peers
-  within about two seconds of the store answering again; daemon CPU seconds and log lines
+* **etcd killed** (SIGKILL) and restarted from its data dir after 20 s in ``make test`` (the cost
+  of an outage does not grow with its length: one cheap retry a second) and after the issue's
+  60 s in ``make test-faults`` (marker ``faults``): a host that joined during the outage is
+  programmed on its peers within about two seconds of the store answering again; daemon CPU seconds and log lines
   written during the outage are measured and bounded.
 
 The daemons log at ``info`` (the default level), as an operator would run them, so the
@@ -37,7 +37,6 @@ from ._mesh import (
 
 pytestmark = [pytest.mark.root, pytest.mark.etcd, pytest.mark.timeout(300)]
 
-OUTAGE = 20.0  # seconds etcd stays dead (the issue's 60 s, shortened for CI; see the module note)
 RESYNC = 60.0  # the audit period, and how long the leases of a wiped store are held
 
 
@@ -102,14 +101,15 @@ def test_wiped_etcd_keeps_every_peer_and_each_lease_comes_back_with_its_subnet(m
     assert len({v["PublicIP"] for v in leases.values()}) == len(leases) == 3  # no host holds two
 
 
-def test_killed_etcd_a_joining_host_is_reachable_within_two_seconds_of_the_restart(make_cluster, figures):
+@pytest.mark.parametrize("outage", [20.0, pytest.param(60.0, marks=pytest.mark.faults)], ids=["20s", "60s"])
+def test_killed_etcd_a_joining_host_is_reachable_within_two_seconds_of_the_restart(make_cluster, figures, outage):
     cluster = make_cluster(3, store_ns=True)
     cluster.start_etcd()
     args = _args(cluster)
     bring_up(cluster, args, init_args=ETCD.store_args(cluster))
 
     c0, c2 = cluster.hosts[0].container, cluster.hosts[2].container
-    pinger = background_ping(c0.ns, c2.address.ip, OUTAGE + 4)
+    pinger = background_ping(c0.ns, c2.address.ip, outage + 4)
     time.sleep(1)
     cluster.etcd.kill()  # SIGKILL: connections refused until it is back
     down = time.monotonic()
@@ -118,10 +118,10 @@ def test_killed_etcd_a_joining_host_is_reachable_within_two_seconds_of_the_resta
     lines0 = {h.name: _log_lines(h) for h in cluster.hosts}
     new = cluster.add_host()
     new.start_daemon(args)  # joins during the outage: it keeps retrying until etcd answers
-    time.sleep(max(0.0, OUTAGE - (time.monotonic() - down)))
+    time.sleep(max(0.0, outage - (time.monotonic() - down)))
     cpu = {name: _cpu_seconds(pid) - cpu0[name] for name, pid in pids.items()}
     lines = {h.name: _log_lines(h) - lines0[h.name] for h in cluster.hosts[:3]}
-    outage = time.monotonic() - down
+    lasted = time.monotonic() - down
     assert all(h.daemon is not None and h.daemon.running for h in cluster.hosts[:3])
 
     cluster.etcd.start()
@@ -140,13 +140,13 @@ def test_killed_etcd_a_joining_host_is_reachable_within_two_seconds_of_the_resta
 
     out, sent, received = ping_counts(pinger)
     figures.add(
-        f"etcd SIGKILLed {outage:.0f} s: {sent - received} of {sent} pings lost; daemon CPU during the outage "
-        f"{max(cpu.values()):.2f} s (max of 3; {max(cpu.values()) * 60 / outage:.2f} s per 60 s); log lines "
+        f"etcd SIGKILLed {lasted:.0f} s: {sent - received} of {sent} pings lost; daemon CPU during the outage "
+        f"{max(cpu.values()):.2f} s (max of 3; {max(cpu.values()) * 60 / lasted:.2f} s per 60 s); log lines "
         f"during the outage {max(lines.values())} (max of 3); a host joining during the outage programmed on "
         f"every peer {programmed:.2f} s and pinged {reachable:.2f} s after etcd answered"
     )
     assert received == sent, f"pings lost while etcd was down: {out.strip()}"
     assert programmed <= 2.5, f"peers programmed the new host {programmed:.2f} s after etcd was back"
-    assert max(cpu.values()) * 60 / outage <= 1.0, f"daemon CPU during the outage: {cpu}"
+    assert max(cpu.values()) * 60 / lasted <= 1.0, f"daemon CPU during the outage: {cpu}"
     assert max(lines.values()) <= 10, f"log lines during the outage: {lines}"
     wait_full_mesh_routes(cluster)
