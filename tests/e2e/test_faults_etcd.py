@@ -6,8 +6,8 @@
 * **etcd killed** (SIGKILL) and restarted from its data dir after 20 s in ``make test`` (the cost
   of an outage does not grow with its length: one cheap retry a second) and after the issue's
   60 s in ``make test-faults`` (marker ``faults``): a host that joined during the outage is
-  programmed on its peers within about two seconds of the store answering again; daemon CPU seconds and log lines
-  written during the outage are measured and bounded.
+  programmed on its peers within about two seconds of the store answering again; daemon CPU
+  seconds and log lines written during the outage are measured and bounded.
 
 The daemons log at ``info`` (the default level), as an operator would run them, so the
 log-line figure is what lands in a journal.
