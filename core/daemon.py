@@ -66,7 +66,7 @@ from .health import DaemonStatus, HealthServer
 from .hostiface import select_host
 from .incremental import Reconciler
 from .kernelcache import KernelCache
-from .leasecache import LeaseCache, NetworkConfigMissing
+from .leasecache import LeaseCache
 from .metrics import Metrics, drifted, kind_of
 from .model import Lease, LeaseAttrs, LeaseList
 from .peers import invalid_reason, public_ip_problem, resolve_claims, valid_peers
@@ -732,12 +732,20 @@ class Daemon:
 
     def _loop_uncached(self, stop: threading.Event) -> None:
         backoff = Backoff()
+        # each pass lists through a lease cache only for its trust rules (no config: an outage;
+        # a reset store's missing leases held one resync period); see overlayd.leasecache
+        cache = LeaseCache(
+            self.store, audit_period=0.0, require_config=True, hold_after_reset=self.settings.resync_period
+        )
         while not stop.is_set():
             try:
                 started = time.monotonic()
-                if self.store.get_config() is None:  # a wiped store: an outage, not "no peers"
-                    raise NetworkConfigMissing("the store holds no network config; put it back (overlayd network init)")
-                snapshot = self.store.list_leases()
+                cache.relist()
+                cache.take_changes()
+                snapshot = cache.snapshot()
+                own = self.lease.key if self.lease is not None else None
+                if own in cache.held:  # ours is re-created, never held
+                    snapshot = LeaseList(tuple(x for x in snapshot.leases if x.key != own), snapshot.revision)
                 listed = time.monotonic()
                 self._snapshot = snapshot
                 self.status.store_healthy = True

@@ -110,6 +110,7 @@ class LeaseCache:
 
     def relist(self) -> bool:
         """List the store now and record what differs from the cache; True when something did."""
+        expired = self._expire_held()
         if self.require_config and self._store.get_config() is None:
             if not self._reset:
                 log.warning(
@@ -151,7 +152,7 @@ class LeaseCache:
         self._listed_at = self._clock()
         self.listings += 1
         log.debug("listed %d leases at revision %d", len(fresh), snapshot.revision)
-        return changed
+        return changed or expired
 
     def poll(self, timeout: float) -> bool:
         """Bring the cache up to date, waiting up to *timeout* seconds for the next change.
@@ -161,10 +162,9 @@ class LeaseCache:
         Returns True when the cache changed.  ``StoreUnavailable`` propagates (the caller backs
         off) and leaves the cache as it was, marked to re-list on the next call.
         """
-        expired = self._expire_held()
         try:
             if self.audit_due():
-                return self.relist() or expired
+                return self.relist()
             try:
                 result = self._store.wait_for_events(self._revision, timeout)
             except HistoryGone:
@@ -173,7 +173,7 @@ class LeaseCache:
         except StoreUnavailable:
             self._listed_at = None
             raise
-        changed = expired
+        changed = self._expire_held()
         for event in result.events:
             key = subnet_to_key(event.subnet)
             if event.kind is EventKind.ADDED and event.lease is not None:
