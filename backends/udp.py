@@ -28,7 +28,6 @@ Link: https://github.com/flannel-io/flannel/blob/master/pkg/backend/udp/udp_netw
 from __future__ import annotations
 
 import logging
-import socket
 from collections.abc import Iterable, Mapping, Sequence
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network
 from typing import Any
@@ -151,15 +150,7 @@ class UdpNetwork(RouteNetwork):
             if link is None:
                 raise KernelError(f"TUN device {self.device} vanished right after it was created")
         want = IPv4Interface(f"{subnet.network_address}/32")
-        for addr in netlink.get_addresses(ipr, link.index, socket.AF_INET):
-            if addr != want:
-                log.info("removing stale address %s from %s", addr, self.device)
-                netlink.delete_address(ipr, link.index, addr)
-        netlink.add_address(ipr, link.index, want)
-        if link.mtu != self.mtu:
-            netlink.set_link(ipr, link.index, f"setting MTU {self.mtu} on {self.device}", mtu=self.mtu)
-        if not link.up:
-            netlink.set_link(ipr, link.index, f"bringing up {self.device}", state="up")
+        netlink.configure_device(ipr, link, want, self.mtu)
 
     # -- peers ------------------------------------------------------------------------------------
 

@@ -54,7 +54,6 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import logging
-import socket
 from collections.abc import Mapping
 from ipaddress import IPv4Address, IPv4Interface, IPv4Network, IPv6Address
 from typing import Any
@@ -259,15 +258,7 @@ class VxlanNetwork(RouteNetwork):
         if link is None:
             raise KernelError(f"VXLAN device {self.device} has disappeared")
         want = IPv4Interface(f"{vtep_address(subnet)}/32")
-        for addr in netlink.get_addresses(ipr, link.index, socket.AF_INET):
-            if addr != want:
-                log.info("removing stale address %s from %s", addr, self.device)
-                netlink.delete_address(ipr, link.index, addr)
-        netlink.add_address(ipr, link.index, want)
-        if link.mtu != self.mtu:
-            netlink.set_link(ipr, link.index, f"setting MTU {self.mtu} on {self.device}", mtu=self.mtu)
-        if not link.up:
-            netlink.set_link(ipr, link.index, f"bringing up {self.device}", state="up")
+        netlink.configure_device(ipr, link, want, self.mtu)
 
     # -- peers ----------------------------------------------------------------------------------------
 

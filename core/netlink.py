@@ -345,6 +345,23 @@ def delete_address(ipr: IPRoute, index: int, addr: IPv4Interface | IPv6Interface
         ipr.addr("del", index=index, address=str(addr.ip), prefixlen=addr.network.prefixlen)
 
 
+def configure_device(ipr: IPRoute, link: Link, address: IPv4Interface, mtu: int) -> None:
+    """Give our device *link* exactly one IPv4 address, *address*, the MTU *mtu*, and bring it up.
+
+    Idempotent: only what differs is changed.  Used by the backends that own a device (vxlan's
+    VTEP, udp's TUN) once they know their lease, and again when the device had to be recreated.
+    """
+    for addr in get_addresses(ipr, link.index, socket.AF_INET):
+        if addr != address:
+            log.info("removing stale address %s from %s", addr, link.name)
+            delete_address(ipr, link.index, addr)
+    add_address(ipr, link.index, address)
+    if link.mtu != mtu:
+        set_link(ipr, link.index, f"setting MTU {mtu} on {link.name}", mtu=mtu)
+    if not link.up:
+        set_link(ipr, link.index, f"bringing up {link.name}", state="up")
+
+
 def connected_networks(ipr: IPRoute, index: int) -> frozenset[IPv4Network]:
     """The IPv4 subnets directly attached to a device (its addresses' networks)."""
     return frozenset(
