@@ -11,10 +11,14 @@ endif
 APT_PACKAGES := etcd-server etcd-client iproute2 iputils-ping iperf3 containernetworking-plugins nftables iptables
 NEEDED_BINARIES := etcd etcdctl ip ping iperf3 nft iptables
 
-.PHONY: test lint typecheck unit deps venv demo clean bench
+.PHONY: test test-faults lint typecheck unit deps venv demo clean bench
 
 test: deps lint typecheck
-	$(PY) -m pytest -p no:cacheprovider --timeout 600 $(PYTEST_ARGS)
+	$(PY) -m pytest -p no:cacheprovider --timeout 600 -m "not faults" $(PYTEST_ARGS)
+
+# the long fault scenarios (e.g. etcd dead for the full 60 s); make test runs shorter forms
+test-faults: deps
+	$(PY) -m pytest -p no:cacheprovider --timeout 600 -m faults $(PYTEST_ARGS)
 
 deps: venv
 	@missing=""; for b in $(NEEDED_BINARIES); do command -v $$b >/dev/null || missing="$$missing $$b"; done; \

@@ -14,6 +14,8 @@ from overlayd.sdk import Backend, HostInfo, Lease, Network, NetworkConfig, Plan
 
 
 class AllocNetwork(Network):
+    created = False  # no kernel state: a failed start has nothing to remove (and says nothing about it)
+
     def __init__(self, host: HostInfo) -> None:
         self._mtu = host.iface_mtu
 

@@ -22,8 +22,14 @@ the actual state from the kernel and applies the difference, at least every
 ``UNCACHED_RESYNC_CAP`` seconds.  In both, the store's event stream only decides *when* the next
 pass runs, our own lease is renewed when due, a store outage leaves the datapath untouched (the
 last desired state keeps being enforced, so kernel drift is still repaired) and is retried with
-capped, jittered exponential backoff.  A lost lease is re-acquired,
-preferring the same subnet, instead of exiting.  The subnet file is desired state too: every
+jittered exponential backoff capped at ``RETRY_CAP`` (one second: a failed call to a store that
+is down costs a refused connection, so this is cheap, and the daemon is back within about a
+second of the store answering again instead of at a retry up to 30 s away).  A store that
+answers but holds **no network config** has lost its data (a wiped etcd): that is an outage
+too, never an order to remove every peer — see ``overlayd.leasecache`` for when a listing is
+trusted and how the leases of a reset store are held while their hosts re-create them.  A lost
+lease is re-acquired, preferring the same subnet, instead of exiting (after a wipe: once the
+config is back).  The subnet file is desired state too: every
 pass compares it with what it should say and rewrites it when someone deleted or edited it.
 So are the firewall rules (masquerade, forward, the overlay-port allow-list; ``overlayd.firewall``):
 read back when the peers or the lease change and once per resync period, replaced in one
@@ -75,6 +81,7 @@ DEBOUNCE = 0.005  # after a change, wait this long for its siblings before recon
 MIN_RENEW_INTERVAL = 1.0  # renewals never follow each other faster, whatever the clocks say
 DEFAULT_RESYNC_PERIOD = 300.0  # the audit: store re-list, kernel read-back, full diff
 UNCACHED_RESYNC_CAP = 10.0  # a backend without a kernel cache still gets a full pass this often
+RETRY_CAP = 1.0  # the longest wait between two tries of a failing store (see the module note)
 
 
 @attrs.frozen
@@ -143,7 +150,7 @@ def run(settings: DaemonSettings, stop: threading.Event) -> None:
 class Backoff:
     """Capped exponential backoff with full jitter."""
 
-    def __init__(self, initial: float = 0.5, cap: float = 30.0, rng: random.Random | None = None) -> None:
+    def __init__(self, initial: float = 0.5, cap: float = RETRY_CAP, rng: random.Random | None = None) -> None:
         self.initial, self.cap, self._attempt = initial, cap, 0
         self._rng = rng or random.Random()
 
@@ -453,7 +460,11 @@ class Daemon:
 
     def _loop_cached(self, stop: threading.Event, kernel: KernelCache) -> None:
         assert self.network is not None
-        leases = LeaseCache(self.store, audit_period=float("inf"))  # the daemon times the audit
+        # the daemon times the audit; a store without config is an outage; a reset store's missing
+        # leases are held for one resync period while their hosts re-create them
+        leases = LeaseCache(
+            self.store, audit_period=float("inf"), require_config=True, hold_after_reset=self.settings.resync_period
+        )
         self.lease_cache = leases
         rec: Reconciler[Any] = Reconciler(kernel, self.network.apply)
         backoff = Backoff()
@@ -635,7 +646,7 @@ class Daemon:
 
     def _keep_lease_cached(self, leases: LeaseCache) -> None:
         assert self.lease is not None
-        current = leases.leases.get(self.lease.key)
+        current = None if self.lease.key in leases.held else leases.leases.get(self.lease.key)
         self._keep_lease(LeaseList((current,) if current is not None else (), leases.revision))
 
     def _peer_objects(self, lease: Lease | None) -> frozenset[Any]:
@@ -721,10 +732,20 @@ class Daemon:
 
     def _loop_uncached(self, stop: threading.Event) -> None:
         backoff = Backoff()
+        # each pass lists through a lease cache only for its trust rules (no config: an outage;
+        # a reset store's missing leases held one resync period); see overlayd.leasecache
+        cache = LeaseCache(
+            self.store, audit_period=0.0, require_config=True, hold_after_reset=self.settings.resync_period
+        )
         while not stop.is_set():
             try:
                 started = time.monotonic()
-                snapshot = self.store.list_leases()
+                cache.relist()
+                cache.take_changes()
+                snapshot = cache.snapshot()
+                own = self.lease.key if self.lease is not None else None
+                if own in cache.held:  # ours is re-created, never held
+                    snapshot = LeaseList(tuple(x for x in snapshot.leases if x.key != own), snapshot.revision)
                 listed = time.monotonic()
                 self._snapshot = snapshot
                 self.status.store_healthy = True

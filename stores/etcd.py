@@ -28,7 +28,9 @@ Design notes:
   progress report (``WatchProgressRequest``, etcd >= 3.4), and no answer within
   ``WATCH_CREATE_TIMEOUT`` ends the stream as unavailable.  Opening a stream that is not
   confirmed within ``WATCH_CREATE_TIMEOUT`` fails the same way.  Compaction is reported by etcd
-  on the stream and becomes ``HistoryGone``.
+  on the stream and becomes ``HistoryGone``; so does a member whose revision is *behind* the
+  caller's (a wiped or replaced etcd: a watch from a future revision would wait silently
+  forever), which makes the caller list again and see the reset.
 * This module implements the key-value primitives of ``Store``; the lease policy (owner
   checks, "a reservation stays a reservation", compare-and-swap retries, decoding, garbled
   entries reported once) is the base class's, shared with every store.
@@ -51,8 +53,8 @@ Design notes:
   do not move (we never keep them alive), so they are cached per lease ID; the misses of a
   listing are asked for concurrently (gRPC futures), which keeps a list of 1000 leases fast.
 * Several endpoints: calls stick to the member that last answered and move on to the next one
-  on a connection error or timeout.  gRPC's reconnect backoff is capped at 2 s so a member that
-  comes back is used again quickly.
+  on a connection error or timeout.  gRPC's reconnect backoff is capped at 1 s so a member that
+  comes back is used again within about a second (the daemon retries as often).
 """
 
 from __future__ import annotations
@@ -125,7 +127,7 @@ ELECTION_PAUSE = 0.5
 _GRPC_OPTIONS = [
     ("grpc.initial_reconnect_backoff_ms", 200),
     ("grpc.min_reconnect_backoff_ms", 200),
-    ("grpc.max_reconnect_backoff_ms", 2000),
+    ("grpc.max_reconnect_backoff_ms", 1000),
     # etcd's default --grpc-keepalive-min-time is 5 s; ping less often than that.
     ("grpc.keepalive_time_ms", 10000),
     ("grpc.keepalive_timeout_ms", 5000),
@@ -797,6 +799,13 @@ class _WatchStream:
                             error = UserError(f"etcd at {self.url} denied watching {self._prefix}: {reason}")
                         else:
                             error = _Unavailable(self.url, f"watch {reason}")
+                        break
+                    if 0 < response.header.revision < self._since:
+                        # etcd's revision only grows in a cluster's life: this is another (wiped) one
+                        error = HistoryGone(
+                            f"etcd at {self.url} is at revision {response.header.revision}, behind {self._since}: "
+                            "the store was reset"
+                        )
                         break
                     if response.created:
                         self._created = True

@@ -10,13 +10,14 @@ import itertools
 import os
 import time
 from collections.abc import Callable, Iterator, Mapping
+from ipaddress import IPv4Network
 from pathlib import Path
 from typing import Any
 
 import pytest
 from overlayd import open_store
 from overlayd.errors import StoreUnavailable
-from overlayd.leasecache import LeaseCache
+from overlayd.leasecache import LeaseCache, NetworkConfigMissing
 from overlayd.plugin import Store
 from overlayd.testing.etcd import EtcdServer
 from overlayd.testing.store_contract import NETWORK, attrs_for
@@ -214,3 +215,56 @@ def test_periodic_audit_repairs_a_missed_event(tmp_path: Path) -> None:
         assert cache.take_changes() == {lease.key}
     finally:
         store.close()
+
+
+@pytest.mark.etcd
+def test_a_wiped_store_is_an_outage_and_its_missing_leases_are_held_then_dropped() -> None:
+    """The trust rules of the module note, on an etcd whose data is wiped: no config -> the cache
+    keeps its view; back with a config at a lower revision -> what it lacks is held until a lease
+    of the same host replaces it or the hold runs out."""
+    if not os.path.exists("/usr/bin/etcd"):
+        pytest.skip("needs Debian's etcd-server")
+    now = [0.0]
+    with EtcdServer() as server:
+        reader, writer = open_store("etcd", **server.store_options()), open_store("etcd", **server.store_options())
+        try:
+            writer.put_config(NETWORK.to_json())
+            a = writer.acquire_lease(NETWORK, attrs_for("198.51.100.1"))
+            b = writer.acquire_lease(NETWORK, attrs_for("198.51.100.2", "aa:bb:cc:dd:ee:02"))
+            c = writer.acquire_lease(NETWORK, attrs_for("198.51.100.3", "aa:bb:cc:dd:ee:03"))
+            for _ in range(20):  # a revision the fresh member will not reach by itself
+                writer.put_config(NETWORK.to_json())
+            cache = LeaseCache(reader, require_config=True, hold_after_reset=30.0, clock=lambda: now[0])
+            cache.poll(0.0)
+            assert set(cache.leases) == {a.key, b.key, c.key}
+            cache.take_changes()
+
+            server.wipe()
+            deadline = time.monotonic() + 10
+            missing = None
+            while missing is None:  # connection errors first, then the empty store answers
+                assert time.monotonic() < deadline, "the wiped store never answered"
+                try:
+                    cache.poll(0.2)
+                except NetworkConfigMissing as exc:
+                    missing = exc
+                except StoreUnavailable:
+                    time.sleep(0.2)
+            assert set(cache.leases) == {a.key, b.key, c.key} and not cache.take_changes()
+
+            writer.put_config(NETWORK.to_json())
+            again = writer.acquire_lease(NETWORK, a.attrs, prefer=[a.subnet])  # host 1, same subnet
+            moved = writer.acquire_lease(NETWORK, c.attrs, prefer=[IPv4Network("10.244.200.0/24")])  # host 3
+            assert again.key == a.key and moved.key != c.key
+            cache.poll(0.0)
+            assert cache.held == {b.key}
+            assert set(cache.leases) == {a.key, b.key, moved.key}  # c went: its host holds another subnet
+            assert cache.take_changes() == {a.key, c.key, moved.key}
+
+            now[0] += 31.0
+            assert cache.poll(0.0)
+            assert set(cache.leases) == {a.key, moved.key} and cache.held == frozenset()
+            assert cache.take_changes() == {b.key}
+        finally:
+            reader.close()
+            writer.close()

@@ -381,6 +381,13 @@ class EtcdServer:
             self.process.wait(10)
         self._paused = False
 
+    def wipe(self, timeout: float = 30.0) -> None:
+        """SIGKILL, delete the data dir, start a fresh member on the same ports: etcd's data lost."""
+        self.kill()
+        shutil.rmtree(self.data_dir, ignore_errors=True)
+        self._started_once = False
+        self.start(timeout)
+
     def terminate(self, timeout: float = 10.0) -> None:
         """SIGTERM (then SIGKILL), keeping the data dir."""
         if self.process is None:
