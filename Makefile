@@ -1,4 +1,4 @@
-# The developer loop.  `make test` is the one command CI runs (see .ci/run and README.md).
+# The developer loop.  `make test` is the command CI runs (see .ci/run and README.md), then `make test-faults`.
 SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
