@@ -230,6 +230,8 @@ class Daemon:
         #: ``_update_valid_peers``); host-level state that depends on the whole peer set is
         #: refreshed only in a pass where this changed.
         self.valid_peer_leases: dict[str, Lease] = {}
+        #: the public addresses of the valid peers, by key, as the firewall rules last saw them
+        self._peer_addresses: dict[str, tuple[Any, Any]] = {}
         self._candidates: dict[str, Lease] = {}  # leases that passed the per-lease checks
         self._claimants: dict[tuple[str, str], set[str]] = {}  # exclusive claim -> candidate keys
         self._claims_of: dict[str, frozenset[tuple[str, str]]] = {}
@@ -525,9 +527,12 @@ class Daemon:
                 self._pass_metrics(leases, kernel, rec, change, peer_slots, changed, audit, polled)
                 self._keep_subnet_file()
                 # ---- FIREWALL HOOK: host-level state over the whole peer set, once per pass ----------
-                # bool(changed): the valid-peer set changed in this pass; audit: an audit pass.  The
+                # changed: a valid peer's public address came, went or moved in this pass (a renewal
+                # does not count: the rules hold addresses only); full: an audit or a rebuild.  The
                 # peers are passed as a view: _keep_firewall reads them only when it acts.
-                self._keep_firewall(self.valid_peer_leases.values(), changed=bool(changed) or audit)
+                self._keep_firewall(
+                    self.valid_peer_leases.values(), changed=self._peer_addresses_changed(changed) or full
+                )
                 # -----------------------------------------------------------------------------------
                 if audit or len(changed) >= TRIM_AFTER:
                     _trim_heap()
@@ -653,6 +658,21 @@ class Daemon:
         """The kernel objects for one valid peer (none for a peer that is gone or invalid)."""
         assert self.network is not None and self.lease is not None
         return frozenset() if lease is None else self.network.desired_state(self.lease, [lease])
+
+    def _peer_addresses_changed(self, changed: Iterable[str]) -> bool:
+        """Whether the public addresses of the valid peers *changed* (keys) differ from what they
+        were, keeping the record up to date: O(changed), so a renewal costs the firewall nothing."""
+        moved = False
+        for key in changed:
+            lease = self.valid_peer_leases.get(key)
+            now = (lease.attrs.public_ip, lease.attrs.public_ipv6) if lease is not None else None
+            if self._peer_addresses.get(key) != now:
+                moved = True
+                if now is None:
+                    del self._peer_addresses[key]
+                else:
+                    self._peer_addresses[key] = now
+        return moved
 
     def _update_valid_peers(self, leases: Mapping[str, Lease], keys: Iterable[str] | None) -> set[str]:
         """Bring ``valid_peer_leases`` up to date for the leases *keys* (None: all of them);

@@ -7,7 +7,7 @@ changed.  Pure: a planning-only vxlan network, no kernel, no store."""
 from __future__ import annotations
 
 import random
-from ipaddress import IPv4Address
+from ipaddress import IPv4Address, IPv4Network
 
 import pytest
 from overlayd.daemon import Daemon, DaemonSettings
@@ -52,3 +52,22 @@ def test_incremental_validity_equals_valid_peers_over_the_whole_set(seed: int) -
         want = {p.key: p for p in valid_peers(CONFIG, daemon.network, OWN, list(store.values()), lambda *a: None)}
         assert daemon.valid_peer_leases == want
         assert reported == {k for k in before.keys() | want.keys() if before.get(k) != want.get(k)}
+
+
+def test_the_firewall_hears_of_address_changes_only() -> None:
+    """The cached loop refreshes the firewall's peer set only when a valid peer's public address
+    came, went or moved: a renewal (a new revision, same address) costs it nothing."""
+    daemon = Daemon(DaemonSettings())
+
+    def valid(ip: str, revision: int) -> Lease:
+        return Lease(IPv4Network("10.244.7.0/24"), LeaseAttrs(IPv4Address(ip), "vxlan"), None, revision=revision)
+
+    daemon.valid_peer_leases = {"a": valid("198.51.100.7", 1)}
+    assert daemon._peer_addresses_changed({"a"})  # joined
+    daemon.valid_peer_leases = {"a": valid("198.51.100.7", 2)}
+    assert not daemon._peer_addresses_changed({"a"})  # renewed
+    daemon.valid_peer_leases = {"a": valid("198.51.100.8", 3)}
+    assert daemon._peer_addresses_changed({"a"})  # moved
+    daemon.valid_peer_leases = {}
+    assert daemon._peer_addresses_changed({"a"})  # gone
+    assert not daemon._peer_addresses_changed({"a"})
