@@ -579,27 +579,31 @@ class Cluster:
 
     def add_host(self) -> Host:
         """One more host on the switch (also after ``build``: a node joining)."""
-        index = len(self.hosts)
-        if index >= MAX_HOSTS:
-            raise TopologyError(f"at most {MAX_HOSTS} hosts")
-        ns = f"{self.prefix}h{index}"
-        host = Host(
-            cluster=self,
-            index=index,
-            ns=ns,
-            underlay_if=f"{self.prefix}u{index}",
-            switch_port=f"{self.prefix}p{index}",
-            underlay=IPv4Interface(f"{UNDERLAY.network_address + HOST_BASE + index}/{UNDERLAY.prefixlen}"),
-            workdir=self.workdir / f"host{index}",
-        )
-        host.workdir.mkdir(parents=True, exist_ok=True)
-        self.add_netns(ns)
-        self._plug(ns, host.switch_port, host.underlay_if, host.underlay)
+        host = self._new_host(UNDERLAY)
+        self._plug(host.ns, host.switch_port, host.underlay_if, host.underlay)
         # Routing between cni0 and the overlay device; inside this namespace only.
         host.exec(["sysctl", "-q", "-w", "net.ipv4.ip_forward=1"])
         if self.router_ns is not None:
             self._route_to_segment2(host)
         self.hosts.append(host)
+        return host
+
+    def _new_host(self, segment: IPv4Network) -> Host:
+        """The next host's names, its address on *segment*, its work dir and its namespace."""
+        index = len(self.hosts)
+        if index >= MAX_HOSTS:
+            raise TopologyError(f"at most {MAX_HOSTS} hosts")
+        host = Host(
+            cluster=self,
+            index=index,
+            ns=f"{self.prefix}h{index}",
+            underlay_if=f"{self.prefix}u{index}",
+            switch_port=f"{self.prefix}p{index}",
+            underlay=IPv4Interface(f"{segment.network_address + HOST_BASE + index}/{segment.prefixlen}"),
+            workdir=self.workdir / f"host{index}",
+        )
+        host.workdir.mkdir(parents=True, exist_ok=True)
+        self.add_netns(host.ns)
         return host
 
     def _route_to_segment2(self, host: Host) -> None:
@@ -632,22 +636,8 @@ class Cluster:
     def add_routed_host(self) -> Host:
         """One more host on the second segment, one routed hop (the router namespace) away."""
         router = self.add_router()
-        index = len(self.hosts)
-        if index >= MAX_HOSTS:
-            raise TopologyError(f"at most {MAX_HOSTS} hosts")
-        ns = f"{self.prefix}h{index}"
-        address = ROUTED_UNDERLAY.network_address + HOST_BASE + index
-        host = Host(
-            cluster=self,
-            index=index,
-            ns=ns,
-            underlay_if=f"{self.prefix}u{index}",
-            switch_port=f"{self.prefix}p{index}",
-            underlay=IPv4Interface(f"{address}/{ROUTED_UNDERLAY.prefixlen}"),
-            workdir=self.workdir / f"host{index}",
-        )
-        host.workdir.mkdir(parents=True, exist_ok=True)
-        self.add_netns(ns)
+        host = self._new_host(ROUTED_UNDERLAY)
+        ns = host.ns
         _check_ifname(host.switch_port, host.underlay_if)
         port, inside = host.switch_port, host.underlay_if
         run(["ip", "-n", router, "link", "add", port, "type", "veth", "peer", "name", inside, "netns", ns])
