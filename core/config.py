@@ -64,6 +64,15 @@ class NetworkConfig:
     def backend_type(self) -> str:
         return str(self.backend.get("Type", DEFAULT_BACKEND_TYPE))
 
+    @property
+    def families(self) -> tuple[int, ...]:
+        """The overlay families this network carries: ``(4,)``, ``(6,)`` or ``(4, 6)``."""
+        return tuple(v for v, on in ((4, self.enable_ipv4), (6, self.enable_ipv6)) if on)
+
+    def network_of(self, version: int) -> IPv4Network | IPv6Network | None:
+        """``Network`` or ``IPv6Network``."""
+        return self.network if version == 4 else self.ipv6_network
+
     def subnet_count(self) -> int:
         """How many subnets lie in [SubnetMin, SubnetMax]."""
         if self.subnet_min is None or self.subnet_max is None:

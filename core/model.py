@@ -46,6 +46,14 @@ class LeaseAttrs:
             doc["BackendV6Data"] = dict(self.backend_v6_data)
         return json.dumps(doc, separators=(",", ":"))
 
+    def public_ip_of(self, version: int) -> IPv4Address | IPv6Address | None:
+        """The underlay address peers reach this host at for overlay family *version* (4 or 6)."""
+        return self.public_ip if version == 4 else self.public_ipv6
+
+    def backend_data_of(self, version: int) -> Mapping[str, Any]:
+        """The backend's data for overlay family *version*: ``BackendData`` or ``BackendV6Data``."""
+        return self.backend_data if version == 4 else (self.backend_v6_data or {})
+
     @classmethod
     def from_json(cls, text: str | bytes) -> LeaseAttrs:
         """Parse a lease value (bounded in size and depth); raise ``GarbledLease`` saying what is wrong."""
@@ -109,6 +117,29 @@ class Lease:
     @property
     def is_reservation(self) -> bool:
         return self.expiration is None
+
+    @property
+    def families(self) -> tuple[int, ...]:
+        """The IP versions this lease holds a subnet of: ``(4,)``, ``(6,)`` or ``(4, 6)``.
+
+        A lease read from one store key holds one family; the lease a dual-stack host holds
+        (and a Kubernetes Node with both pod CIDRs) holds both.  Code that programs a lease
+        loops over this, with the family as a parameter: one code path per family."""
+        return tuple(v for v, s in ((4, self.subnet), (6, self.ipv6_subnet)) if s is not None)
+
+    def subnet_of(self, version: int) -> IPv4Network | IPv6Network | None:
+        return self.subnet if version == 4 else self.ipv6_subnet
+
+    @property
+    def keys(self) -> tuple[str, ...]:
+        """The store key of each subnet held (``10.244.3.0-24``, ``fd00:0:0:3::-64``)."""
+        return tuple(subnet_to_key(s) for s in (self.subnet, self.ipv6_subnet) if s is not None)
+
+    def only(self, version: int) -> Lease:
+        """This lease restricted to one family (what one store key holds)."""
+        if version == 4:
+            return attrs.evolve(self, ipv6_subnet=None)
+        return attrs.evolve(self, subnet=None)
 
     @property
     def key(self) -> str:

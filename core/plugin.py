@@ -683,6 +683,12 @@ class Network(abc.ABC):
     def backend_data(self) -> Mapping[str, Any]:
         """What peers need to reach this host, published as the lease's BackendData."""
 
+    @property
+    def backend_v6_data(self) -> Mapping[str, Any] | None:
+        """What peers need for this host's IPv6 overlay (the lease's BackendV6Data), or None
+        when the backend keeps nothing per family (host-gw) or IPv6 is off."""
+        return None
+
     def activate(self, lease: Lease) -> None:
         """Finish the local setup once the lease is known (device address, MTU, link up)."""
 

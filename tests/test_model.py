@@ -157,3 +157,22 @@ def test_created_revision_defaults_and_parses() -> None:
     lease = parse_lease("10.244.3.0-24", FLANNEL_VALUE, expiration=None, revision=9, created_revision=4)
     assert (lease.revision, lease.created_revision) == (9, 4)
     assert Lease(None, lease.attrs, None, ipv6_subnet=IPv6Network("fd00::/64")).created_revision == 0
+
+
+def test_a_dual_stack_lease_splits_into_one_lease_per_store_key() -> None:
+    from ipaddress import IPv4Network as V4
+    from ipaddress import IPv6Address as A6
+    from ipaddress import IPv6Network as V6
+
+    from overlayd.model import Lease, LeaseAttrs
+
+    attrs_ = LeaseAttrs(
+        None, "vxlan", {"VtepMAC": "02:00:00:00:00:01"}, A6("2001:db8::3"), {"VtepMAC": "02:00:00:00:00:02"}
+    )
+    both = Lease(V4("10.244.3.0/24"), attrs_, None, ipv6_subnet=V6("fd00:0:0:3::/64"))
+    assert both.families == (4, 6)
+    assert both.keys == ("10.244.3.0-24", "fd00:0:0:3::-64")
+    assert both.only(6).families == (6,) and both.only(6).key == "fd00:0:0:3::-64"
+    assert both.only(4).subnet_of(4) == V4("10.244.3.0/24") and both.only(4).subnet_of(6) is None
+    assert attrs_.public_ip_of(6) == A6("2001:db8::3") and attrs_.public_ip_of(4) is None
+    assert attrs_.backend_data_of(6) == {"VtepMAC": "02:00:00:00:00:02"}
