@@ -25,7 +25,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from typing import Any
 
 import attrs
@@ -42,6 +42,16 @@ DEEP_JSON = "[" * 1100 + "]" * 1100
 
 NETWORK = NetworkConfig.from_dict({"Network": "10.244.0.0/16", "Backend": {"Type": "vxlan"}})
 SMALL = NetworkConfig.from_dict({"Network": "10.250.0.0/24", "SubnetLen": 28})
+DUAL = NetworkConfig.from_dict(
+    {"Network": "10.244.0.0/16", "EnableIPv6": True, "IPv6Network": "fd00:10:244::/48", "Backend": {"Type": "vxlan"}}
+)
+V6_ONLY = NetworkConfig.from_dict(
+    {"EnableIPv4": False, "EnableIPv6": True, "IPv6Network": "fd00:20::/48", "Backend": {"Type": "vxlan"}}
+)
+#: 15 leasable /124s: small enough to exhaust, in a family where enumerating a real range is not an option.
+SMALL_V6 = NetworkConfig.from_dict(
+    {"EnableIPv4": False, "EnableIPv6": True, "IPv6Network": "fd00:30::/120", "IPv6SubnetLen": 124}
+)
 
 
 @attrs.frozen
@@ -58,6 +68,17 @@ class StoreSpec:
 
 def attrs_for(ip: str, mac: str = "aa:bb:cc:dd:ee:01") -> LeaseAttrs:
     return LeaseAttrs(public_ip=IPv4Address(ip), backend_type="vxlan", backend_data={"VNI": 1, "VtepMAC": mac})
+
+
+def dual_attrs_for(ip: str | None, ip6: str, mac: str = "aa:bb:cc:dd:ee:01") -> LeaseAttrs:
+    """A dual-stack (or, with *ip* None, IPv6-only) host's attrs, as flannel writes them."""
+    return LeaseAttrs(
+        public_ip=IPv4Address(ip) if ip else None,
+        public_ipv6=IPv6Address(ip6),
+        backend_type="vxlan",
+        backend_data={"VNI": 1, "VtepMAC": mac} if ip else {},
+        backend_v6_data={"VNI": 1, "VtepMAC": mac.replace("aa:", "ae:", 1)},
+    )
 
 
 def _race_worker(name: str, options: dict[str, Any], first_ip: int, count: int, out: Any) -> None:
@@ -324,6 +345,78 @@ class StoreContract:
         assert listed[second.subnet].created_revision == second.created_revision
         reserved = store.reserve(IPv4Network("10.244.254.0/24"), IPv4Address("192.0.2.9"))
         assert reserved.created_revision == reserved.revision > 0
+
+    # -- dual-stack and IPv6-only ------------------------------------------------------------
+
+    def test_dual_stack_lease_is_one_key_per_family_with_the_same_attrs(self, store: Store, other_store: Store) -> None:
+        host = dual_attrs_for("192.0.2.1", "2001:db8::1")
+        lease = store.acquire_lease(DUAL, host)
+        assert lease.families == (4, 6) and lease.attrs == host
+        assert lease.subnet is not None and DUAL.contains_of(4, lease.subnet)
+        assert lease.ipv6_subnet is not None and DUAL.contains_of(6, lease.ipv6_subnet)
+        listed = sorted(other_store.list_leases().leases, key=lambda x: x.families)
+        assert [(x.families, x.subnet_of(x.families[0]), x.attrs) for x in listed] == [
+            ((4,), lease.subnet, host),
+            ((6,), lease.ipv6_subnet, host),
+        ]
+        again = other_store.acquire_lease(DUAL, host)
+        assert (again.subnet, again.ipv6_subnet) == (lease.subnet, lease.ipv6_subnet)
+        other = store.acquire_lease(DUAL, dual_attrs_for("192.0.2.2", "2001:db8::2", mac="aa:bb:cc:dd:ee:02"))
+        assert other.subnet != lease.subnet and other.ipv6_subnet != lease.ipv6_subnet
+
+    def test_dual_stack_renew_and_release_act_on_both_keys(self, store: Store, store_spec: StoreSpec) -> None:
+        lease = store.acquire_lease(DUAL, dual_attrs_for("192.0.2.1", "2001:db8::1"))
+        before = {x.key: x.revision for x in store.list_leases().leases}
+        renewed = store.renew_lease(lease)
+        assert (renewed.subnet, renewed.ipv6_subnet) == (lease.subnet, lease.ipv6_subnet)
+        after = {x.key: x.revision for x in store.list_leases().leases}
+        assert set(after) == set(lease.keys) and all(after[k] > before[k] for k in after)
+        if store_spec.supports_ttl:
+            assert renewed.expiration is not None and lease.expiration is not None
+            assert renewed.expiration >= lease.expiration
+        store.release_lease(renewed)
+        assert store.list_leases().leases == ()
+        with pytest.raises(LeaseLost):
+            store.renew_lease(renewed)
+
+    def test_a_lost_ipv6_key_raises_lease_lost(self, store: Store, other_store: Store) -> None:
+        lease = store.acquire_lease(DUAL, dual_attrs_for("192.0.2.1", "2001:db8::1"))
+        other_store.delete_lease(lease.only(6))
+        assert [x.key for x in store.list_leases().leases] == [lease.only(4).key]
+        with pytest.raises(LeaseLost, match="no longer exists"):
+            store.renew_lease(lease)
+        again = store.acquire_lease(DUAL, lease.attrs, prefer=[s for s in (lease.subnet, lease.ipv6_subnet) if s])
+        assert (again.subnet, again.ipv6_subnet) == (lease.subnet, lease.ipv6_subnet)
+
+    def test_ipv6_key_owner_is_the_public_ipv6(self, store: Store, other_store: Store) -> None:
+        mine = store.acquire_lease(V6_ONLY, dual_attrs_for(None, "2001:db8::1"))
+        theirs = dual_attrs_for(None, "2001:db8::2")
+        with pytest.raises(LeaseLost, match=r"belongs to 2001:db8::1"):
+            other_store.update_lease(attrs.evolve(mine, attrs=theirs), theirs)
+        other_store.delete_lease(attrs.evolve(mine, attrs=theirs))
+        assert [x.ipv6_subnet for x in store.list_leases().leases] == [mine.ipv6_subnet]
+
+    def test_ipv6_only_lease(self, store: Store, other_store: Store) -> None:
+        attrs_ = dual_attrs_for(None, "2001:db8::1")
+        lease = store.acquire_lease(V6_ONLY, attrs_)
+        assert lease.families == (6,) and lease.subnet is None and lease.attrs.public_ip is None
+        assert lease.ipv6_subnet is not None and V6_ONLY.contains_of(6, lease.ipv6_subnet)
+        [listed] = other_store.list_leases().leases
+        assert (listed.families, listed.ipv6_subnet, listed.attrs) == ((6,), lease.ipv6_subnet, attrs_)
+        wanted = IPv6Network("fd00:20:0:77::/64")
+        other = store.acquire_lease(V6_ONLY, dual_attrs_for(None, "2001:db8::2"), prefer=[wanted])
+        assert other.ipv6_subnet == wanted
+        store.renew_lease(lease)
+        store.release_lease(lease)
+        assert [x.ipv6_subnet for x in store.list_leases().leases] == [wanted]
+
+    def test_ipv6_exhaustion_is_reported(self, store: Store) -> None:
+        got = {
+            store.acquire_lease(SMALL_V6, dual_attrs_for(None, f"2001:db8::{i + 1:x}")).ipv6_subnet for i in range(15)
+        }
+        assert len(got) == 15
+        with pytest.raises(SubnetExhausted, match=r"IPv6 network fd00:30::/120 is exhausted: all 15 /124"):
+            store.acquire_lease(SMALL_V6, dual_attrs_for(None, "2001:db8::ff"))
 
     # -- watching ------------------------------------------------------------------------------
 
