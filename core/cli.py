@@ -254,6 +254,9 @@ def _global_options(f: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--iface-can-reach", help="Use the interface the kernel would use to reach this IP."),
         click.option("--public-ip", help="IP advertised to peers (default: the interface's)."),
         click.option(
+            "--public-ipv6", help="IPv6 address advertised to peers with IPv6 on (default: the interface's global one)."
+        ),
+        click.option(
             "--subnet-file",
             default="/run/flannel/subnet.env",
             show_default=True,
@@ -394,6 +397,7 @@ def settings_from_params(params: dict[str, Any]) -> DaemonSettings:
         iface_regex=tuple(params["iface_regex"]),
         iface_can_reach=params["iface_can_reach"],
         public_ip=params["public_ip"],
+        public_ipv6=params["public_ipv6"],
         subnet_file=params["subnet_file"],
         ip_masq=params["ip_masq"],
         firewall=params["firewall"],
