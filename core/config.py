@@ -113,10 +113,12 @@ class NetworkConfig:
 
     def range_of(self, version: int) -> SubnetRange | None:
         """The leasable subnets of family *version* (None when that family is off)."""
-        if version == 4:
-            net, length, lo, hi = self.network, self.subnet_len, self.subnet_min, self.subnet_max
-        else:
-            net, length, lo, hi = self.ipv6_network, self.ipv6_subnet_len, self.ipv6_subnet_min, self.ipv6_subnet_max
+        fields: tuple[Any, ...] = (
+            (self.network, self.subnet_len, self.subnet_min, self.subnet_max)
+            if version == 4
+            else (self.ipv6_network, self.ipv6_subnet_len, self.ipv6_subnet_min, self.ipv6_subnet_max)
+        )
+        net, length, lo, hi = fields
         if net is None or lo is None or hi is None:
             return None
         return SubnetRange(net, length, lo, hi)
