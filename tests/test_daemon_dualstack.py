@@ -313,3 +313,24 @@ def test_public_ipv6_is_validated_like_public_ip(given: str, why: str) -> None:
 def test_public_ipv6_is_advertised_and_the_interface_needs_no_ipv4(tmp_path: Path) -> None:
     host = select_host(("lo",), public_ipv6="2001:db8::7")
     assert host.public_ipv6 == IPv6Address("2001:db8::7") and host.iface == "lo"
+
+
+def test_dry_run_merges_the_hosts_keys_and_finds_an_ipv6_only_host(where: Where) -> None:
+    import overlayd
+
+    store = where.open()
+    try:
+        store.put_config(NetworkConfig.from_dict(DUAL).to_json())
+        config = NetworkConfig.from_dict(DUAL)
+        mine = store.acquire_lease(config, LeaseAttrs.from_json('{"PublicIP":"192.0.2.1","PublicIPv6":"2001:db8::1"}'))
+        theirs = store.acquire_lease(
+            config, LeaseAttrs.from_json('{"PublicIP":"192.0.2.2","PublicIPv6":"2001:db8::2"}')
+        )
+        for asked in ("192.0.2.1", "2001:db8::1"):
+            result = overlayd.dry_run(store, asked)
+            assert (result.own.subnet, result.own.ipv6_subnet) == (mine.subnet, mine.ipv6_subnet)
+            assert {p.key for p in result.peers} <= set(theirs.keys)  # never one of our own keys
+        with pytest.raises(UserError, match="no lease in the store has PublicIPv6 2001:db8::9"):
+            overlayd.dry_run(store, "2001:db8::9")
+    finally:
+        store.close()
