@@ -20,6 +20,7 @@ from ipaddress import IPv4Network, IPv6Address, IPv6Network, ip_interface
 from pathlib import Path
 from typing import Any
 
+import attrs
 import pytest
 from overlayd import open_store
 from overlayd.config import NetworkConfig
@@ -30,6 +31,9 @@ from overlayd.model import LeaseAttrs
 from overlayd.plugin import Store
 from overlayd.subnetfile import read_env
 from overlayd.testing.etcd import EtcdServer
+from overlayd.testing.netns import call_in_netns, netns_factory, run, veth
+
+__all__ = ["netns_factory"]
 
 DUAL = {
     "Network": "10.31.0.0/16",
@@ -334,3 +338,31 @@ def test_dry_run_merges_the_hosts_keys_and_finds_an_ipv6_only_host(where: Where)
             overlayd.dry_run(store, "2001:db8::9")
     finally:
         store.close()
+
+
+@pytest.mark.root
+def test_an_ipv6_only_host_with_no_ipv4_address_publishes_its_interfaces_address(
+    netns_factory: Callable[..., str], tmp_path: Path
+) -> None:
+    """A namespace whose only underlay address is IPv6: the daemon picks it (no --public-ipv6)."""
+    ns, far = netns_factory("v6h"), netns_factory("v6f")
+    veth(ns, "eth0", far, "e0")
+    run(ns, "ip", "-6", "addr", "add", "2001:db8:7::1/64", "dev", "eth0", "nodad")
+    db = tmp_path / "store.db"
+    store = open_store("embedded", path=str(db))
+    try:
+        store.put_config(NetworkConfig.from_dict(V6_ONLY).to_json())
+    finally:
+        store.close()
+    where = Where("embedded", {"path": str(db)}, lambda directory, key: None)
+    host = Host(where, tmp_path, "a", None, None)
+    host.settings = attrs.evolve(host.settings, ifaces=("eth0",))
+    host.daemon = Daemon(host.settings)
+    host.thread = threading.Thread(target=call_in_netns, args=(ns, host.daemon.run, host.stop), daemon=True)
+    host.start()
+    try:
+        assert "FLANNEL_SUBNET" not in host.env and host.subnet(6) is not None
+        assert host.daemon.lease is not None and host.daemon.lease.attrs.public_ip is None
+        assert host.daemon.lease.attrs.public_ipv6 == IPv6Address("2001:db8:7::1")
+    finally:
+        host.halt()
