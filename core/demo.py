@@ -118,6 +118,7 @@ class Progress:
 
 
 NEIGH_TABLE_SYSCTL = "/proc/sys/net/ipv4/neigh/default/gc_thresh3"
+NEIGH_TABLE_SYSCTL6 = "/proc/sys/net/ipv6/neigh/default/gc_thresh3"  # IPv6 has a table of its own (--ipv6)
 NEIGH_RESERVE = 128  # entries left for everything else on the machine (the table is shared)
 
 
@@ -144,14 +145,14 @@ def max_hosts_for(table_size: int) -> int:
     return hosts
 
 
-def check_scale(hosts: int, table_size: int | None) -> str | None:
-    """Why *hosts* would overflow the neighbour table, or None when it fits."""
+def check_scale(hosts: int, table_size: int | None, family: int = 4) -> str | None:
+    """Why *hosts* would overflow the IPv*family* neighbour table, or None when it fits."""
     if table_size is None or neighbour_entries_needed(hosts) <= table_size - NEIGH_RESERVE:
         return None
     return (
         f"--hosts {hosts} needs about {neighbour_entries_needed(hosts)} neighbour entries, but the kernel's "
-        f"table holds {table_size} for all namespaces (net.ipv4.neigh.default.gc_thresh3, set only in the root "
-        f"namespace); use --hosts {max_hosts_for(table_size)} or fewer, or raise gc_thresh3 (and gc_thresh2)"
+        f"table holds {table_size} for all namespaces (net.ipv{family}.neigh.default.gc_thresh3, set only in the "
+        f"root namespace); use --hosts {max_hosts_for(table_size)} or fewer, or raise gc_thresh3 (and gc_thresh2)"
     )
 
 
@@ -502,6 +503,8 @@ def demo_command(
     if not net.subnet_of(IPv4Network("10.0.0.0/8")):
         raise click.BadParameter("the demo keeps overlays inside 10.0.0.0/8", param_hint="--network")
     too_many = check_scale(hosts, neighbour_table_size())
+    if ipv6 and not too_many:
+        too_many = check_scale(hosts, neighbour_table_size(NEIGH_TABLE_SYSCTL6), family=6)
     if too_many:
         raise click.BadParameter(too_many, param_hint="--hosts")
     for sig in (signal.SIGTERM, signal.SIGHUP):
