@@ -16,10 +16,13 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import re
 import subprocess
+import sys
 from collections.abc import Callable
-from ipaddress import ip_network
+from ipaddress import ip_interface, ip_network
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -293,6 +296,70 @@ def test_ipv6_only_vxlan_across_the_router(make_cluster):
     cluster.add_routed_host()
     bring_up(cluster, store, mode, backend)
     assert_mesh_both_families(cluster, mode, count=2)
+
+
+OVERLAYD_CNI = str(Path(sys.executable).with_name("overlayd-cni"))
+CNI_PATH = "/usr/lib/cni"  # Debian's containernetworking-plugins (the Makefile's deps target installs them)
+
+
+def cni_add(host: topo.Host, pod: str, cid: str) -> dict[str, Any]:
+    """``overlayd-cni`` ADD run in *host* as a runtime would: real bridge + host-local, pod *pod*."""
+    conf = {
+        "cniVersion": "1.0.0",
+        "name": "overlay",
+        "type": "overlayd-cni",
+        "subnetFile": str(host.subnet_file),
+        "dataDir": str(host.workdir / "cni"),
+        "delegate": {
+            "bridge": f"{host.cluster.prefix}b",
+            "isDefaultGateway": True,
+            "ipam": {"dataDir": str(host.workdir / "ipam")},
+        },
+    }
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("CNI_", "OVERLAYD_"))}
+    env.update(CNI_COMMAND="ADD", CNI_CONTAINERID=cid, CNI_IFNAME="eth0", CNI_PATH=CNI_PATH)
+    env["CNI_NETNS"] = f"/run/netns/{pod}"
+    proc = subprocess.run(
+        topo.ns_exec(host.ns, [OVERLAYD_CNI]), input=json.dumps(conf), capture_output=True, text=True, env=env,
+        timeout=60, check=False,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    result: dict[str, Any] = json.loads(proc.stdout)
+    return result
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_cni_pods_get_an_address_of_each_family_and_reach_each_other(make_cluster, mode):
+    """Pods wired by overlayd-cni from the daemons' subnet files: one host-local range per family,
+    and pod-to-pod pings of each family across the vxlan overlay."""
+    store, backend = "embedded", "vxlan"
+    cluster = make_dual_cluster(make_cluster, mode, store, hosts=2)
+    init_network(cluster, store, mode, backend)
+    for host in cluster.hosts:
+        host.start_daemon(daemon_args(cluster, store, backend))
+    for host in cluster.hosts:
+        host.wait_ready(30)
+    wait_mesh_routes(cluster)
+    addresses: list[dict[int, Any]] = []
+    pods = []
+    for host in cluster.hosts:
+        pod = f"{cluster.prefix}pod{host.index}"
+        cluster.add_netns(pod, ipv6=True)
+        pods.append(pod)
+        result = cni_add(host, pod, f"pod{host.index}")
+        by_family = {ip_interface(ip["address"]).version: ip_interface(ip["address"]) for ip in result["ips"]}
+        assert sorted(by_family) == list(families(mode)), result
+        env = host.subnet_env()
+        assert env is not None
+        for family, address in by_family.items():
+            subnet = env.subnet_of(family)
+            assert subnet is not None and address.network == subnet.network, (address, env)
+        addresses.append(by_family)
+        topo.settle_ipv6([pod, host.ns])
+    for family in families(mode):
+        for i, j in ((0, 1), (1, 0)):
+            outcome = topo.ping(pods[i], addresses[j][family].ip, count=3, timeout=1)
+            assert outcome.ok, (family, outcome.output)
 
 
 def test_demo_ipv6_shows_both_ping_matrices(figures):
