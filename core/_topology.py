@@ -606,8 +606,13 @@ def settle_ipv6(namespaces: Sequence[str], timeout: float = 10.0) -> None:
     switching DAD off for the code under test too.
     """
 
+    def tentative(ns: str) -> bool:
+        # A "dadfailed" address stays tentative for good: a duplicate is not ours to wait out.
+        links = json.loads(run(["ip", "-n", ns, "-6", "-j", "addr", "show", "tentative"]).stdout or "[]")
+        return any(a.get("tentative") and not a.get("dadfailed") for link in links for a in link.get("addr_info", []))
+
     def settled() -> bool:
-        return not any(run(["ip", "-n", ns, "-6", "addr", "show", "tentative"]).stdout.strip() for ns in namespaces)
+        return not any(tentative(ns) for ns in namespaces)
 
     wait_until(settled, timeout, interval=0.1, what=f"IPv6 duplicate address detection in {', '.join(namespaces)}")
 
