@@ -520,7 +520,8 @@ class Store(Plugin):
         return self.update_lease(lease, lease.attrs)
 
     def delete_lease(self, lease: Lease) -> None:
-        """Remove *lease*; a missing key, or one that now holds another host's lease, is left alone."""
+        """Remove *lease*; a missing key, one that now holds another host's lease, or a reservation
+        (``unreserve`` alone removes those: *lease* may predate ``overlayd reserve``) is left alone."""
         key = lease.key
         for _ in range(CAS_ATTEMPTS):
             current = self.get_entry(key)
@@ -529,6 +530,9 @@ class Store(Plugin):
             owner = _owner(current)
             if owner != lease.attrs.public_ip:
                 log.info("not deleting %s: it now holds the lease of %s", key, owner or "an unreadable value")
+                return
+            if current.expiration is None:
+                log.info("not deleting %s: it is a reservation of %s; 'overlayd unreserve' removes it", key, owner)
                 return
             if self.delete_entry(current):
                 return
