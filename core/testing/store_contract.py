@@ -382,7 +382,7 @@ class StoreContract:
                 got.append(client.acquire_lease(SMALL, attrs_for(f"198.51.100.{i}"), prefer=wanted).subnet)
             except SubnetExhausted:
                 pass
-            except Exception as exc:  # noqa: BLE001 - reported below
+            except Exception as exc:  # reported below
                 failures.append(exc)
             finally:
                 client.close()
