@@ -7,8 +7,10 @@ such as ping's cap_net_raw, can add one back).  ``ip netns exec`` runs as root a
 to setpriv: entering a namespace needs CAP_SYS_ADMIN, which the daemon does not keep.
 
 Each daemon must create its VXLAN device, program the other host (route, neighbour, FDB),
-install its nftables table, write its subnet file and answer /readyz; the test reads all of it
-back as root and pings across the overlay.  File modes: the subnet file 0644 (container
+install its masquerade rules (``--ip-masq``, with nftables and with Debian's iptables, which is
+iptables-nft: both speak netlink, which CAP_NET_ADMIN covers; iptables-legacy would also need
+CAP_NET_RAW and a writable /run/xtables.lock), write its subnet file and answer /readyz; the
+test reads all of it back as root and pings across the overlay.  File modes: the subnet file 0644 (container
 runtimes read it), the store file and its -wal/-shm 0600, all owned by the daemon's user.
 
 What needs CAP_NET_RAW: only the periodic probes (``--probe-interval``; also ``overlayd check``),
@@ -142,10 +144,14 @@ def http(ns: str, path: str) -> tuple[int, str]:
     return int(status), body
 
 
-def test_vxlan_daemon_as_nobody_with_cap_net_admin_only(hosts: tuple[str, str], state_dir: Path, figures) -> None:
+@pytest.mark.parametrize("firewall", ["nftables", "iptables"])
+def test_vxlan_daemon_as_nobody_with_cap_net_admin_only(
+    hosts: tuple[str, str], state_dir: Path, figures, firewall: str
+) -> None:
     a, b = hosts
     started = time.monotonic()
-    daemons = [Daemon(a, state_dir, "a", "net_admin"), Daemon(b, state_dir, "b", "net_admin")]
+    args = ("--firewall", firewall, "--ip-masq")
+    daemons = [Daemon(a, state_dir, "a", "net_admin", *args), Daemon(b, state_dir, "b", "net_admin", *args)]
     try:
         envs = [d.wait_ready() for d in daemons]
         ready = time.monotonic() - started
@@ -168,7 +174,11 @@ def test_vxlan_daemon_as_nobody_with_cap_net_admin_only(hosts: tuple[str, str], 
                 time.sleep(0.1)
             neigh = ip_json(ns, "neigh", "show", "dev", "flannel.1")
             assert any(n["dst"] == peer_vtep and "PERMANENT" in n["state"] for n in neigh), neigh
-            assert "table ip overlayd" in run(ns, "nft", "list", "tables").stdout  # nftables under CAP_NET_ADMIN
+            if firewall == "nftables":
+                ruleset = run(ns, "nft", "list", "table", "ip", "overlayd").stdout
+            else:
+                ruleset = run(ns, "iptables-save", "-t", "nat").stdout
+            assert "masquerade" in ruleset.lower(), ruleset
             code, body = http(ns, "/readyz")
             assert code == 200, body
         run(a, "ping", "-c", "3", "-i", "0.2", "-W", "2", vteps[1])
@@ -183,7 +193,9 @@ def test_vxlan_daemon_as_nobody_with_cap_net_admin_only(hosts: tuple[str, str], 
             text = daemon.log()
             assert "Traceback" not in text and "Operation not permitted" not in text, text
             assert "Permission denied" not in text, text
-        figures.add(f"least privilege: 2 vxlan daemons as nobody with CAP_NET_ADMIN only, ready in {ready:.2f} s")
+        figures.add(
+            f"2 vxlan daemons as nobody with CAP_NET_ADMIN only ({firewall}, --ip-masq): ready in {ready:.2f} s"
+        )
     finally:
         codes = [d.stop() for d in daemons]
     assert codes == [0, 0]
