@@ -62,9 +62,7 @@ lease_docs = st.fixed_dictionaries(
     },
 )
 raw_values = (
-    lease_docs.map(lambda doc: json.dumps(doc).encode())
-    | st.binary(max_size=64)
-    | st.text(max_size=64).map(str.encode)
+    lease_docs.map(lambda doc: json.dumps(doc).encode()) | st.binary(max_size=64) | st.text(max_size=64).map(str.encode)
 )
 consul_keys = st.builds(
     lambda folder, name: f"{PREFIX}/{folder}{name}",
@@ -140,8 +138,9 @@ def test_consul_session_ttls_decode_to_a_number(ttl: Any) -> None:
 
 
 cidrs = st.sampled_from(["10.244.3.0/24", "10.244.3.1/24", "fd00:10:244:3::/64", "10.244.3.0/33", "", "x"])
-annotation_values = st.sampled_from(["true", "false", "vxlan", "192.0.2.7", "0.0.0.0", '{"VtepMAC":"aa:bb:cc:dd:ee:01"}',
-                                     "{", "[" * 200, "null", '"x"', ""]) | st.text(max_size=30)  # fmt: skip
+annotation_values = st.sampled_from(
+    ["true", "false", "vxlan", "192.0.2.7", "0.0.0.0", '{"VtepMAC":"aa:bb:cc:dd:ee:01"}', "{", "[" * 200, "null", ""]
+) | st.text(max_size=30)  # fmt: skip
 annotation_keys = st.sampled_from(
     [f"{KUBE}/{k}" for k in ("kube-subnet-manager", "public-ip", "public-ip-overwrite", "public-ipv6",
                              "backend-type", "backend-data", "backend-v6-data")]
@@ -203,9 +202,8 @@ def test_garbage_annotations_from_the_api_server_are_skipped_and_warned_once(
     ]
     server.state.create({"metadata": {"name": "good", "annotations": good}, "spec": {"podCIDR": "10.244.7.0/24"}})
     for i, notes in enumerate(garbage):
-        server.state.create(
-            {"metadata": {"name": f"bad{i}", "annotations": {**good, **notes}}, "spec": {"podCIDR": f"10.244.{20 + i}.0/24"}}
-        )  # fmt: skip
+        meta = {"name": f"bad{i}", "annotations": {**good, **notes}}
+        server.state.create({"metadata": meta, "spec": {"podCIDR": f"10.244.{20 + i}.0/24"}})
     store = open_store("kubernetes", kubeconfig=str(kubeconfig), node_name="good", net_conf=str(tmp_path / "nc.json"))
     caplog.set_level(logging.WARNING)
     try:
@@ -216,3 +214,23 @@ def test_garbage_annotations_from_the_api_server_are_skipped_and_warned_once(
     warnings = [r.getMessage() for r in caplog.records if "garbled" in r.getMessage()]
     assert len(warnings) == len(garbage), warnings  # once per Node, not once per listing
     assert store.garbled_skipped == 3 * len(garbage)
+
+
+def test_distinct_unparsable_nodes_are_each_warned(
+    kube: tuple[FakeApiServer, Path], tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Pod CIDRs with host bits or no CIDR at all (an API server checks only that it parses as
+    Go's ParseCIDR): each Node is named in its own warning.  They all used to be reported as
+    ``node/?`` at revision 0, so only the first garbled Node ever was."""
+    server, kubeconfig = kube
+    for name, cidr in (("hostbits", "10.244.3.1/24"), ("bogus", "bogus"), ("bogus2", "10.244.300.0/24")):
+        server.state.create({"metadata": {"name": name}, "spec": {"podCIDR": cidr}})
+    store = open_store("kubernetes", kubeconfig=str(kubeconfig), node_name="x", net_conf=str(tmp_path / "nc.json"))
+    caplog.set_level(logging.WARNING)
+    try:
+        for _ in range(2):
+            assert store.list_leases().leases == ()
+    finally:
+        store.close()
+    warnings = [r.getMessage() for r in caplog.records if "garbled" in r.getMessage()]
+    assert len(warnings) == 3 and all(any(f"node/{n}'" in w for w in warnings) for n in ("hostbits", "bogus", "bogus2"))
