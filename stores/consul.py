@@ -177,11 +177,12 @@ def _check_pem(flags: str, cafile: str, certfile: str, keyfile: str) -> None:
             raise UserError(f"{flags}cafile {cafile} holds no usable PEM CA certificate ({exc})") from exc
     if certfile and keyfile:
         try:
-            ssl.create_default_context().load_cert_chain(certfile, keyfile)
+            # an empty password: an encrypted key fails here instead of prompting on a terminal
+            ssl.create_default_context().load_cert_chain(certfile, keyfile, password=b"")
         except ssl.SSLError as exc:
             raise UserError(
                 f"{flags}certfile {certfile} and {flags}keyfile {keyfile} are not a PEM certificate and its "
-                f"private key ({exc})"
+                f"unencrypted private key ({exc})"
             ) from exc
 
 
