@@ -8,8 +8,8 @@ INSTALL_TARGET := .[test] ./examples/routes-file-backend
 else
 INSTALL_TARGET := -e .[test] -e ./examples/routes-file-backend
 endif
-APT_PACKAGES := etcd-server etcd-client iproute2 iputils-ping iperf3 containernetworking-plugins nftables iptables
-NEEDED_BINARIES := etcd etcdctl ip ping iperf3 nft iptables
+APT_PACKAGES := etcd-server etcd-client iproute2 iputils-ping iperf3 containernetworking-plugins nftables iptables util-linux
+NEEDED_BINARIES := etcd etcdctl ip ping iperf3 nft iptables setpriv
 
 .PHONY: test test-faults lint typecheck unit deps venv demo clean bench
 

@@ -71,7 +71,7 @@ from .metrics import Metrics, drifted, kind_of
 from .model import Lease, LeaseAttrs, LeaseList
 from .peers import invalid_reason, public_ip_problem, resolve_claims, valid_peers
 from .plugin import Backend, HostInfo, Network, Store
-from .probe import ping
+from .probe import CANNOT_RUN, ping
 from .subnetfile import SubnetFile, check_writable, previous_subnets, read_bounded, write_subnet_file
 
 log = logging.getLogger(__name__)
@@ -839,11 +839,17 @@ class Daemon:
         export how many answered (and, with ``--probe-per-peer``, which).  Its own thread, so a
         dead peer's timeout never delays a reconcile pass; it reads only the target list the
         last pass left."""
+        warned = False
         with ThreadPoolExecutor(max_workers=32, thread_name_prefix="overlayd-probe") as pool:
             while not stop.wait(self.settings.probe_interval):
                 targets = dict(self._probe_targets)
-                answers = dict(zip(targets, pool.map(lambda ip: ping(ip, count=1, timeout=1.0).ok, targets.values()),
-                                   strict=True))  # fmt: skip
+                probes = dict(zip(targets, pool.map(lambda ip: ping(ip, count=1, timeout=1.0), targets.values()),
+                                  strict=True))  # fmt: skip
+                answers = {subnet: probe.ok for subnet, probe in probes.items()}
+                broken = next((p.detail for p in probes.values() if p.detail.startswith(CANNOT_RUN)), None)
+                if broken is not None and not warned:
+                    log.warning("probe: %s", broken)  # once: e.g. run without CAP_NET_RAW
+                warned = warned or broken is not None
                 self.metrics.peers_reachable(sum(answers.values()))  # metrics
                 if self.settings.probe_per_peer:
                     self.metrics.peer_reachable(answers)  # metrics

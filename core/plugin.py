@@ -559,25 +559,29 @@ class Store(Plugin):
         return self.update_lease(lease, lease.attrs)
 
     def delete_lease(self, lease: Lease) -> None:
-        """Remove every key of *lease*; a missing key, or one that now holds another host's
-        lease, is left alone."""
+        """Remove every key of *lease*; a missing key, one that now holds another host's lease,
+        or a reservation (``unreserve`` alone removes those: *lease* may predate ``overlayd
+        reserve``) is left alone."""
         for key in lease.keys:
-            self._delete_key(key, lease.attrs, keep_reservation=False)
+            self._delete_key(key, lease.attrs)
 
     def release_lease(self, lease: Lease) -> None:
-        """Give up our lease at shutdown, every key of it; a key that is a reservation is kept."""
-        for key in lease.keys:
-            self._delete_key(key, lease.attrs, keep_reservation=True)
+        """Give up our lease at shutdown, every key of it; a reservation is kept."""
+        if not lease.is_reservation:
+            self.delete_lease(lease)
 
-    def _delete_key(self, key: str, attrs: LeaseAttrs, *, keep_reservation: bool) -> None:
+    def _delete_key(self, key: str, attrs: LeaseAttrs) -> None:
         me = attrs.public_ip_of(_version(key))
         for _ in range(CAS_ATTEMPTS):
             current = self.get_entry(key)
-            if current is None or (keep_reservation and current.expiration is None):
+            if current is None:
                 return
             owner = _owner(current, _version(key))
             if me is None or owner != me:
                 log.info("not deleting %s: it now holds the lease of %s", key, _owner_text(current, _version(key)))
+                return
+            if current.expiration is None:
+                log.info("not deleting %s: it is a reservation of %s; 'overlayd unreserve' removes it", key, owner)
                 return
             if self.delete_entry(current):
                 return

@@ -505,7 +505,10 @@ class KubernetesStore(Store):
             try:
                 node = parse_node(item)
             except GarbledLease as exc:
-                self.report_garbled("node/?", 0, exc)
+                meta = item.get("metadata") if isinstance(item, dict) else None
+                meta = meta if isinstance(meta, dict) else {}
+                name = meta.get("name") if isinstance(meta.get("name"), str) else "?"
+                self.report_garbled(f"node/{name}", _checksum(str(meta.get("resourceVersion"))), exc)
                 continue
             lease = self._lease_or_report(node)
             if lease is not None:

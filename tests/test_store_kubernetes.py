@@ -228,6 +228,11 @@ class TestKubernetesContract(StoreContract):
     test_ipv6_key_owner_is_the_public_ipv6 = None
     test_ipv6_only_lease = None
     test_ipv6_exhaustion_is_reported = None
+    # No reservations and no TTLs; replaced by test_another_node_never_changes_or_removes_our_lease.
+    test_release_never_removes_another_hosts_lease = None
+    test_a_reservation_survives_every_path_but_unreserve = None
+    test_a_lease_turned_into_a_reservation_survives_its_hosts_release = None
+    test_racing_hosts_never_take_a_lease_or_a_reservation = None
     # Replaced below by their Kubernetes forms.
     test_acquire_lists_lease_with_flannel_attrs = None
     test_watch_sees_add_and_remove_quickly = None
@@ -282,6 +287,29 @@ class TestKubernetesContract(StoreContract):
     def test_a_family_the_node_lacks_is_a_config_error(self, store: Store) -> None:
         with pytest.raises(ConfigError, match="node n1 has no IPv6 pod CIDR but the net-conf"):
             store.acquire_lease(DUAL, dual_attrs_for("192.0.2.1", "2001:db8::1"))
+
+    def test_another_node_never_changes_or_removes_our_lease(
+        self, store: Store, kubeconfig: Path, tmp_path: Path, server: FakeApiServer
+    ) -> None:
+        """The Kubernetes form of "never delete or overwrite a lease we do not own": n2's client
+        tries every path on n1's lease; n1's Node is unchanged."""
+        server.state.create(node("n2", "10.244.2.0/24"))
+        mine = store.acquire_lease(NETWORK, attrs_for("192.0.2.1"))
+        before = json.dumps(server.state.get("n1"), sort_keys=True)
+        other = open_kube(kubeconfig, tmp_path, name="n2")
+        try:
+            theirs = attrs_for("192.0.2.2", mac="aa:bb:cc:dd:ee:02")
+            with pytest.raises(LeaseLost):
+                other.update_lease(mine, theirs)
+            with pytest.raises(LeaseLost):
+                other.renew_lease(mine)
+            other.release_lease(mine)
+            with pytest.raises(UserError, match="delete the Node"):
+                other.delete_lease(mine)
+            assert other.acquire_lease(NETWORK, theirs).subnet == IPv4Network("10.244.2.0/24")
+        finally:
+            other.close()
+        assert json.dumps(server.state.get("n1"), sort_keys=True) == before
 
     def test_reservations_and_release_are_refused(self, store: Store) -> None:
         with pytest.raises(UserError, match="reservations are not supported by the kubernetes store"):

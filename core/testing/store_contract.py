@@ -418,6 +418,79 @@ class StoreContract:
         with pytest.raises(SubnetExhausted, match=r"IPv6 network fd00:30::/120 is exhausted: all 15 /124"):
             store.acquire_lease(SMALL_V6, dual_attrs_for(None, "2001:db8::ff"))
 
+    def test_release_never_removes_another_hosts_lease(self, store: Store, other_store: Store) -> None:
+        mine = store.acquire_lease(NETWORK, attrs_for("192.0.2.1"))
+        assert mine.subnet is not None
+        # another host's stale view of the subnet, live lease and reservation alike
+        other_store.release_lease(attrs.evolve(mine, attrs=attrs_for("192.0.2.2")))
+        other_store.release_lease(Lease(mine.subnet, attrs_for("192.0.2.2"), None))
+        [only] = store.list_leases().leases
+        assert only.attrs == mine.attrs and only.revision == mine.revision
+
+    def test_a_reservation_survives_every_path_but_unreserve(self, store: Store, other_store: Store) -> None:
+        subnet = IPv4Network("10.250.0.48/28")
+        owner = IPv4Address("192.0.2.50")
+        reserved = store.reserve(subnet, owner)
+        as_lease = Lease(subnet, attrs_for(str(owner)), None)  # a stale, non-reservation view of it
+        other = attrs_for("192.0.2.51")
+        other_store.release_lease(Lease(subnet, other, None))
+        other_store.delete_lease(Lease(subnet, other, None))
+        with pytest.raises(LeaseLost):
+            other_store.update_lease(Lease(subnet, other, None), other)
+        with pytest.raises(UserError, match=r"leased by 192\.0\.2\.50"):
+            other_store.reserve(subnet, IPv4Address("192.0.2.51"))
+        assert other_store.create_lease(Lease(subnet, other, None)) is None
+        assert other_store.acquire_lease(SMALL, other, prefer=[subnet]).subnet != subnet
+        store.release_lease(reserved)  # the owner's own release keeps a reservation
+        store.release_lease(as_lease)  # ... even through a view that predates the reservation
+        store.delete_lease(as_lease)
+        renewed = store.acquire_lease(SMALL, attrs_for(str(owner), mac="aa:bb:cc:dd:ee:02"))
+        assert renewed.subnet == subnet and renewed.is_reservation
+        assert store.renew_lease(renewed).is_reservation
+        [kept] = [x for x in other_store.list_leases().leases if x.subnet == subnet]
+        assert kept.is_reservation and kept.attrs.public_ip == owner
+
+    def test_a_lease_turned_into_a_reservation_survives_its_hosts_release(
+        self, store: Store, other_store: Store
+    ) -> None:
+        """``overlayd reserve SUBNET IP`` on a running host's lease, then that host stops with
+        ``--release-on-exit`` holding the lease as it was before: the reservation stays."""
+        lease = store.acquire_lease(NETWORK, attrs_for("192.0.2.1"))
+        assert lease.subnet is not None and not lease.is_reservation
+        other_store.reserve(lease.subnet, IPv4Address("192.0.2.1"))
+        store.release_lease(lease)
+        [kept] = other_store.list_leases().leases
+        assert kept.subnet == lease.subnet and kept.is_reservation
+
+    def test_racing_hosts_never_take_a_lease_or_a_reservation(self, store: Store, store_spec: StoreSpec) -> None:
+        reserved = store.reserve(IPv4Network("10.250.0.16/28"), IPv4Address("192.0.2.50"))
+        held = store.acquire_lease(SMALL, attrs_for("192.0.2.1"))
+        got: list[IPv4Network | None] = []
+        failures: list[Exception] = []
+
+        def host(i: int) -> None:
+            client = open_store(store_spec.name, **store_spec.options)
+            try:
+                wanted = [x for x in (reserved.subnet, held.subnet) if x is not None]
+                got.append(client.acquire_lease(SMALL, attrs_for(f"198.51.100.{i}"), prefer=wanted).subnet)
+            except SubnetExhausted:
+                pass
+            except Exception as exc:  # reported below
+                failures.append(exc)
+            finally:
+                client.close()
+
+        threads = [threading.Thread(target=host, args=(i,)) for i in range(1, 17)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(120)
+        assert not failures, failures
+        assert reserved.subnet not in got and held.subnet not in got and len(got) == len(set(got)) == 13
+        listed = {x.subnet: x for x in store.list_leases().leases}
+        assert listed[reserved.subnet].is_reservation and listed[reserved.subnet].attrs == reserved.attrs
+        assert listed[held.subnet].attrs == held.attrs
+
     # -- watching ------------------------------------------------------------------------------
 
     def test_watch_sees_add_and_remove_quickly(self, store: Store, other_store: Store) -> None:
