@@ -72,6 +72,8 @@ log = logging.getLogger(__name__)
 __all__ = [
     "ADD_OK",
     "DELETE_OK",
+    "FAMILIES",
+    "IFA_F_NODAD",
     "NTF_SELF",
     "NUD_NOARP",
     "NUD_PERMANENT",
@@ -98,6 +100,7 @@ __all__ = [
     "delete_link",
     "delete_neighbour",
     "delete_route",
+    "family_of",
     "get_addresses",
     "get_link",
     "iproute",
@@ -119,9 +122,14 @@ __all__ = [
 ]
 
 RTNH_F_ONLINK = 0x4
+IFA_F_NODAD = 0x02
+#: The address families overlayd programs; a reader given ``family=None`` reads both.
+FAMILIES = (socket.AF_INET, socket.AF_INET6)
 NUD_NOARP = 0x40
 NUD_PERMANENT = 0x80
 NTF_SELF = 0x02
+#: The metric the kernel gives an IPv6 route added without one (``IP6_RT_PRIO_USER``).
+IP6_RT_PRIO_USER = 1024
 
 #: errnos that mean "already there" for a create, and "already gone" for a delete.
 ADD_OK = frozenset({errno.EEXIST})
@@ -326,18 +334,22 @@ def default_routes(ipr: IPRoute) -> list[Egress]:
 
 
 def get_addresses(ipr: IPRoute, index: int, family: int = socket.AF_INET) -> list[IPv4Interface | IPv6Interface]:
-    """The addresses on a device (with prefix length), in kernel order."""
+    """The addresses of *family* on a device (with prefix length), in kernel order."""
     out: list[IPv4Interface | IPv6Interface] = []
     for msg in ipr.addr("dump", index=index, family=family):
-        if msg.get("index") != index:
+        if msg.get("index") != index or msg["family"] != family:
             continue
         out.append(ipaddress.ip_interface(f"{msg.get('address')}/{msg['prefixlen']}"))
     return out
 
 
 def add_address(ipr: IPRoute, index: int, addr: IPv4Interface | IPv6Interface) -> None:
+    """Add *addr* to device *index*; an IPv6 address skips duplicate address detection (``nodad``):
+    overlayd's addresses are unique by lease, and DAD would leave them tentative (unusable as a
+    source) for a second or two after every start."""
+    kwargs: dict[str, Any] = {"flags": IFA_F_NODAD} if addr.version == 6 else {}
     with translated(f"adding address {addr} to device {index}", ok=ADD_OK):
-        ipr.addr("add", index=index, address=str(addr.ip), prefixlen=addr.network.prefixlen)
+        ipr.addr("add", index=index, address=str(addr.ip), prefixlen=addr.network.prefixlen, **kwargs)
 
 
 def delete_address(ipr: IPRoute, index: int, addr: IPv4Interface | IPv6Interface) -> None:
@@ -345,81 +357,112 @@ def delete_address(ipr: IPRoute, index: int, addr: IPv4Interface | IPv6Interface
         ipr.addr("del", index=index, address=str(addr.ip), prefixlen=addr.network.prefixlen)
 
 
-def configure_device(ipr: IPRoute, link: Link, address: IPv4Interface, mtu: int) -> None:
-    """Give our device *link* exactly one IPv4 address, *address*, the MTU *mtu*, and bring it up.
+def family_of(addr: IPv4Address | IPv6Address | IPv4Network | IPv6Network | IPv4Interface | IPv6Interface) -> int:
+    """``AF_INET`` or ``AF_INET6`` for an address, network or interface value."""
+    return socket.AF_INET if addr.version == 4 else socket.AF_INET6
+
+
+def configure_device(ipr: IPRoute, link: Link, address: IPv4Interface | IPv6Interface | None, mtu: int) -> None:
+    """Give our device *link* exactly one address of *address*'s family, the MTU *mtu*, and bring it up.
 
     Idempotent: only what differs is changed.  Used by the backends that own a device (vxlan's
-    VTEP, udp's TUN) once they know their lease, and again when the device had to be recreated.
+    VTEPs, udp's TUN) once they know their lease, and again when the device had to be recreated.
+    Addresses of the other family are left alone, and so is IPv6 link-local (``fe80::/10``,
+    which the kernel gives every device with a MAC and which neighbour discovery needs).
+    *address* None only sets the MTU and the link state.
     """
-    for addr in get_addresses(ipr, link.index, socket.AF_INET):
-        if addr != address:
-            log.info("removing stale address %s from %s", addr, link.name)
-            delete_address(ipr, link.index, addr)
-    add_address(ipr, link.index, address)
+    if address is not None:
+        for addr in get_addresses(ipr, link.index, family_of(address)):
+            if addr != address and not (addr.version == 6 and addr.ip.is_link_local):
+                log.info("removing stale address %s from %s", addr, link.name)
+                delete_address(ipr, link.index, addr)
     if link.mtu != mtu:
         set_link(ipr, link.index, f"setting MTU {mtu} on {link.name}", mtu=mtu)
+    if address is not None:
+        add_address(ipr, link.index, address)
     if not link.up:
         set_link(ipr, link.index, f"bringing up {link.name}", state="up")
 
 
-def connected_networks(ipr: IPRoute, index: int) -> frozenset[IPv4Network]:
-    """The IPv4 subnets directly attached to a device (its addresses' networks)."""
+def connected_networks(ipr: IPRoute, index: int) -> frozenset[IPv4Network | IPv6Network]:
+    """The subnets directly attached to a device (its addresses' networks), both families;
+    host routes (/32, /128) and IPv6 link-local are left out (no peer's PublicIP can be there)."""
     return frozenset(
         iface.network
-        for iface in get_addresses(ipr, index, socket.AF_INET)
-        if isinstance(iface, IPv4Interface) and iface.network.prefixlen < 32
+        for family in FAMILIES
+        for iface in get_addresses(ipr, index, family)
+        if iface.network.prefixlen < iface.max_prefixlen and not iface.ip.is_link_local
     )
 
 
 # -- reading state back ----------------------------------------------------------------------------
 
 
+def _families(family: int | None) -> tuple[int, ...]:
+    return FAMILIES if family is None else (family,)
+
+
 def read_routes(
-    ipr: IPRoute, protocol: int = RTPROT_OVERLAYD, table: int = RT_TABLE_MAIN, family: int = socket.AF_INET
+    ipr: IPRoute, protocol: int = RTPROT_OVERLAYD, table: int = RT_TABLE_MAIN, family: int | None = None
 ) -> frozenset[Route]:
-    """The unicast routes in *table* marked with *protocol*; nothing else is ever ours."""
+    """The unicast routes in *table* marked with *protocol*, of *family* (None: IPv4 and IPv6);
+    nothing else is ever ours."""
     names = link_names(ipr)
     out: set[Route] = set()
-    for msg in ipr.route("dump", family=family):
-        if msg["proto"] != protocol or (msg.get("table") or msg["table"]) != table or msg["type"] != 1:
-            continue
-        dst = msg.get("dst")
-        if dst is None:
-            dst = "0.0.0.0" if family == socket.AF_INET else "::"
-        gateway = msg.get("gateway")
-        oif = msg.get("oif")
-        out.add(
-            Route(
-                dst=ipaddress.ip_network(f"{dst}/{msg['dst_len']}"),
-                dev=names.get(oif, f"if{oif}") if oif is not None else "",
-                gateway=ipaddress.ip_address(gateway) if gateway else None,
-                onlink=bool(msg["flags"] & RTNH_F_ONLINK),
-                protocol=protocol,
-                table=table,
-                metric=int(msg.get("priority") or 0),
+    for fam in _families(family):
+        for msg in ipr.route("dump", family=fam):
+            if msg["proto"] != protocol or (msg.get("table") or msg["table"]) != table or msg["type"] != 1:
+                continue
+            if msg["family"] != fam:
+                continue
+            dst = msg.get("dst")
+            if dst is None:
+                dst = "0.0.0.0" if fam == socket.AF_INET else "::"
+            gateway = msg.get("gateway")
+            oif = msg.get("oif")
+            out.add(
+                Route(
+                    dst=ipaddress.ip_network(f"{dst}/{msg['dst_len']}"),
+                    dev=names.get(oif, f"if{oif}") if oif is not None else "",
+                    gateway=ipaddress.ip_address(gateway) if gateway else None,
+                    onlink=bool(msg["flags"] & RTNH_F_ONLINK),
+                    protocol=protocol,
+                    table=table,
+                    metric=_metric(msg),
+                )
             )
-        )
     return frozenset(out)
 
 
-def read_neighbours(ipr: IPRoute, dev: str, family: int = socket.AF_INET) -> frozenset[Neighbour]:
-    """The permanent neighbour entries on device *dev* (empty when it does not exist)."""
+def _metric(msg: Any) -> int:
+    """The route's metric as the kernel reports it; IPv6 routes always carry one (1024 when
+    none was asked for), which overlayd's ``Route.metric`` 0 stands for."""
+    metric = int(msg.get("priority") or 0)
+    if msg["family"] == socket.AF_INET6 and metric == IP6_RT_PRIO_USER:
+        return 0
+    return metric
+
+
+def read_neighbours(ipr: IPRoute, dev: str, family: int | None = None) -> frozenset[Neighbour]:
+    """The permanent neighbour entries of *family* (None: ARP and NDP) on device *dev*
+    (empty when it does not exist)."""
     link = get_link(ipr, dev)
     if link is None:
         return frozenset()
     out: set[Neighbour] = set()
-    for msg in ipr.neigh("dump", ifindex=link.index, family=family):
-        if msg.get("ifindex") != link.index or msg["family"] != family or not msg["state"] & NUD_PERMANENT:
-            continue
-        lladdr, dst = msg.get("lladdr"), msg.get("dst")
-        if not lladdr or not dst:
-            continue
-        out.add(Neighbour(dst=ipaddress.ip_address(dst), lladdr=lladdr, dev=dev))
+    for fam in _families(family):
+        for msg in ipr.neigh("dump", ifindex=link.index, family=fam):
+            if msg.get("ifindex") != link.index or msg["family"] != fam or not msg["state"] & NUD_PERMANENT:
+                continue
+            lladdr, dst = msg.get("lladdr"), msg.get("dst")
+            if not lladdr or not dst:
+                continue
+            out.add(Neighbour(dst=ipaddress.ip_address(dst), lladdr=lladdr, dev=dev))
     return frozenset(out)
 
 
 def read_fdb(ipr: IPRoute, dev: str) -> frozenset[FdbEntry]:
-    """The permanent FDB entries with a remote (``dst``) on VXLAN device *dev*."""
+    """The permanent FDB entries with a remote (``dst``, IPv4 or IPv6) on VXLAN device *dev*."""
     link = get_link(ipr, dev)
     if link is None:
         return frozenset()

@@ -55,14 +55,13 @@ PEER_C = lease("10.44.3.0/24", "198.51.100.3", MAC_C)
 
 
 def offline_network(direct_routing: bool = False, vni: int = 1) -> VxlanNetwork:
-    from overlayd.backends.vxlan import DeviceSpec
+    from overlayd.backends.vxlan import DeviceSpec, Vtep
 
     settings = VxlanSettings(vni=vni, port=8472, mtu=0, gbp=False, direct_routing=direct_routing)
     host = HostInfo("eth0", 2, 1500, IPv4Address("192.0.2.1"), iface_addr=IPv4Address("192.0.2.1"))
     spec = DeviceSpec(f"flannel.{vni}", vni, IPv4Address("192.0.2.1"), 2, 8472, False, 1450)
-    return VxlanNetwork(
-        settings, host, spec, MacAddress.parse("0a:00:00:00:00:0a"), frozenset({IPv4Network("192.0.2.0/24")})
-    )
+    vtep = Vtep(spec, MacAddress.parse("0a:00:00:00:00:0a"))
+    return VxlanNetwork(settings, host, [vtep], frozenset({IPv4Network("192.0.2.0/24")}))
 
 
 def test_plan_desired_state_and_second_pass_empty() -> None:
@@ -126,13 +125,13 @@ def test_settings_config_keys_win_over_options() -> None:
 
 
 def test_plan_over_an_ipv6_underlay_uses_public_ipv6() -> None:
-    from overlayd.backends.vxlan import DeviceSpec, vxlan_mtu
+    from overlayd.backends.vxlan import DeviceSpec, Vtep, vxlan_mtu
 
     local6 = IPv6Address("2001:db8::1")
     settings = VxlanSettings(vni=1, port=8472, mtu=0, gbp=False, direct_routing=True)
     host = HostInfo("eth0", 2, 1500, None, public_ipv6=local6)
     spec = DeviceSpec("flannel.1", 1, local6, 2, 8472, False, vxlan_mtu(1500, ipv6_underlay=True))
-    net = VxlanNetwork(settings, host, spec, MacAddress.parse("0a:00:00:00:00:0a"), frozenset())
+    net = VxlanNetwork(settings, host, [Vtep(spec, MacAddress.parse("0a:00:00:00:00:0a"))], frozenset())
     assert net.mtu == 1430
     peer = attrs.evolve(PEER_B, attrs=attrs.evolve(PEER_B.attrs, public_ipv6=IPv6Address("2001:db8::2")))
     assert FdbEntry(MAC_B, IPv6Address("2001:db8::2"), "flannel.1") in net.desired_state(OWN, [peer])

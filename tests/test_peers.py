@@ -14,7 +14,7 @@ import attrs
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from overlayd.backends.vxlan import DeviceSpec, VxlanNetwork, VxlanSettings
+from overlayd.backends.vxlan import DeviceSpec, Vtep, VxlanNetwork, VxlanSettings
 from overlayd.config import NetworkConfig
 from overlayd.errors import GarbledLease
 from overlayd.kernel import FdbEntry, MacAddress, Neighbour, Route
@@ -31,9 +31,8 @@ def vxlan(direct_routing: bool = False) -> VxlanNetwork:
     settings = VxlanSettings(vni=1, port=8472, mtu=0, gbp=False, direct_routing=direct_routing)
     host = HostInfo("eth0", 2, 1500, IPv4Address("192.0.2.1"), iface_addr=IPv4Address("192.0.2.1"))
     spec = DeviceSpec("flannel.1", 1, IPv4Address("192.0.2.1"), 2, 8472, False, 1450)
-    return VxlanNetwork(
-        settings, host, spec, MacAddress.parse(OWN_MAC), frozenset({IPv4Network("192.0.2.0/24")}), offline=True
-    )
+    vtep = Vtep(spec, MacAddress.parse(OWN_MAC))
+    return VxlanNetwork(settings, host, [vtep], frozenset({IPv4Network("192.0.2.0/24")}), offline=True)
 
 
 def lease(subnet: str, public_ip: Any, mac: str = MAC_1, created: int = 0, revision: int = 0) -> Lease:
