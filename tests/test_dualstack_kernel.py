@@ -319,7 +319,7 @@ def test_vxlan_dual_stack_cache_restart_and_teardown(dual: list[Host]) -> None:
 @pytest.mark.root
 def test_vxlan_ipv6_only_has_only_the_v6_device(v6only: list[Host]) -> None:
     nets, owns = bring_up(v6only, V6ONLY, VxlanBackend(VxlanOptions()))
-    h1, h2 = v6only
+    h1, _h2 = v6only
     for host, net, own in zip(v6only, nets, owns, strict=True):
         assert link(host.ns, "flannel.1") is None and link(host.ns, "flannel-v6.1") is not None
         assert net.backend_data == {} and net.backend_v6_data is not None
@@ -342,7 +342,7 @@ def test_vxlan_ipv6_only_has_only_the_v6_device(v6only: list[Host]) -> None:
 @pytest.mark.root
 def test_host_gw_dual_stack_routes_via_public_ipv6(dual: list[Host]) -> None:
     nets, owns = bring_up(dual, HOSTGW_DUAL, HostGwBackend(NoOptions()))
-    h1, h2, h3 = dual
+    h1, h2, _h3 = dual
     for host, net, own in zip(dual, nets, owns, strict=True):
         assert isinstance(net, RouteNetwork) and net.backend_v6_data == {}
         reconcile(host, net, HOSTGW_DUAL, own, owns)
