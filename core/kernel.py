@@ -162,4 +162,4 @@ class Egress:
     """Where the kernel would send a packet: the output device and its preferred source address."""
 
     oif: int
-    prefsrc: IPv4Address | None = None
+    prefsrc: IPv4Address | None = None  # IPv4 only (an IPv6 lookup gives the device alone)

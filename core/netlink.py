@@ -103,6 +103,7 @@ __all__ = [
     "family_of",
     "get_addresses",
     "get_link",
+    "interfaces",
     "iproute",
     "ipv4_interfaces",
     "kernel_error",
@@ -291,15 +292,26 @@ def add_vxlan(
         ipr.link("add", ifname=name, kind="vxlan", **kwargs)
 
 
-def ipv4_interfaces(ipr: IPRoute) -> list[tuple[Link, tuple[IPv4Address, ...]]]:
-    """Every device with its IPv4 addresses (kernel order), for choosing the underlay."""
-    addrs: dict[int, list[IPv4Address]] = {}
-    with translated("listing IPv4 addresses"):
-        for msg in ipr.addr("dump", family=socket.AF_INET):
-            addrs.setdefault(int(msg["index"]), []).append(IPv4Address(msg.get("address")))
+def interfaces(ipr: IPRoute, family: int = socket.AF_INET) -> list[tuple[Link, tuple[AddressIP, ...]]]:
+    """Every device with its addresses of *family* (kernel order), for choosing the underlay.
+
+    IPv6 link-local addresses (``fe80::/10``) are left out: they name no host off the link."""
+    addrs: dict[int, list[AddressIP]] = {}
+    with translated(f"listing IPv{4 if family == socket.AF_INET else 6} addresses"):
+        for msg in ipr.addr("dump", family=family):
+            if msg["family"] != family:
+                continue
+            address = ipaddress.ip_address(msg.get("address"))
+            if not address.is_link_local or address.version == 4:
+                addrs.setdefault(int(msg["index"]), []).append(address)
     with translated("listing network devices"):
         links = [_link_from_msg(msg) for msg in ipr.link("dump")]
     return [(link, tuple(addrs.get(link.index, ()))) for link in links]
+
+
+def ipv4_interfaces(ipr: IPRoute) -> list[tuple[Link, tuple[IPv4Address, ...]]]:
+    """Every device with its IPv4 addresses (kernel order), for choosing the underlay."""
+    return [(link, tuple(a for a in addrs if isinstance(a, IPv4Address))) for link, addrs in interfaces(ipr)]
 
 
 def _egress(msg: Any) -> Egress | None:
@@ -307,7 +319,8 @@ def _egress(msg: Any) -> Egress | None:
     if oif is None:
         return None
     src = msg.get("prefsrc")
-    return Egress(oif=int(oif), prefsrc=IPv4Address(src) if src else None)
+    address = ipaddress.ip_address(src) if src else None
+    return Egress(oif=int(oif), prefsrc=address if isinstance(address, IPv4Address) else None)
 
 
 def route_get(ipr: IPRoute, dst: IPv4Address | IPv6Address) -> list[Egress]:
@@ -317,11 +330,11 @@ def route_get(ipr: IPRoute, dst: IPv4Address | IPv6Address) -> list[Egress]:
     return [egress for egress in map(_egress, msgs) if egress is not None]
 
 
-def default_routes(ipr: IPRoute) -> list[Egress]:
-    """The IPv4 default routes of the main table."""
+def default_routes(ipr: IPRoute, family: int = socket.AF_INET) -> list[Egress]:
+    """The default routes of *family* (IPv4 unless told) in the main table."""
     out = []
     with translated("listing routes"):
-        msgs = ipr.route("dump", family=socket.AF_INET, table=RT_TABLE_MAIN)
+        msgs = ipr.route("dump", family=family, table=RT_TABLE_MAIN)
     for msg in msgs:
         if msg["dst_len"] == 0 and msg["type"] == 1 and (msg.get("table") or msg["table"]) == RT_TABLE_MAIN:
             egress = _egress(msg)

@@ -370,3 +370,24 @@ def test_host_gw_v6_peer_off_link_is_rejected(dual: list[Host]) -> None:
     assert (
         len(skipped) == 1 and "PublicIPv6 2001:db8:1::9 is not on-link on eth0 (connected: 2001:db8::/64)" in skipped[0]
     )
+
+
+@pytest.mark.root
+def test_netlink_reads_ipv6_interfaces_and_keeps_link_local(v6only: list[Host]) -> None:
+    import socket
+
+    from overlayd import netlink
+
+    nets, owns = bring_up(v6only[:1], V6ONLY, VxlanBackend(VxlanOptions()))
+    h1 = v6only[0]
+    run(h1.ns, "ip", "-6", "addr", "add", "fd00:0:0:77::/128", "dev", "flannel-v6.1", "nodad")  # stale
+    with in_netns(h1.ns):
+        nets[0].activate(owns[0])  # again: the stale address goes, link-local stays
+        with netlink.iproute() as ipr:
+            found = {link_.name: addrs for link_, addrs in netlink.interfaces(ipr, socket.AF_INET6)}
+            egress = netlink.route_get(ipr, IPv6Address("2001:db8::2"))
+    info = ip_json(h1.ns, "addr", "show", "dev", "flannel-v6.1")[0]["addr_info"]
+    assert sorted(a["local"] for a in info if a["family"] == "inet6" and a.get("scope") != "link") == ["fd00:0:0:1::"]
+    assert any(a["local"].startswith("fe80:") for a in info if a["family"] == "inet6")
+    assert found["eth0"] == (v6(1),) and found["flannel-v6.1"] == (IPv6Address("fd00:0:0:1::"),)
+    assert [e.oif for e in egress] == [h1.info.iface_index]
