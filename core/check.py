@@ -4,16 +4,22 @@ Design note.  A check answers an operator's first question after "pods cannot ta
 name the layer that is broken, so each peer gets two kinds of evidence:
 
 * **This host's kernel** against the leases: the backend's desired state for that one peer
-  (``Network.desired_state`` of a planning-only ``Backend.offline`` network, the same function
-  the daemon uses) compared slot by slot with what the kernel holds.  A missing or different
+  and family (``Network.desired_state`` of a planning-only ``Backend.offline`` network, the
+  same function the daemon uses) compared slot by slot with what the kernel holds.  A missing or different
   object is "peer not programmed here"; a neighbour or FDB entry with another MAC than the
   lease's VtepMAC is "VTEP MAC mismatch between lease and kernel".  This needs no traffic and
   is exact, so it comes first.
-* **Probes**: ICMP echo to the peer's underlay address (its PublicIP) and to its overlay address
+* **Probes**: ICMP echo to the peer's underlay address of the family (PublicIP, or PublicIPv6
+  for the IPv6 overlay, which is carried over the IPv6 underlay) and to its overlay address
   (``Backend.probe_address``: vxlan's ``<subnet>.0`` VTEP address, else the subnet's ``.1``),
   plus one echo of full overlay MTU with Don't Fragment set.  Underlay answers but overlay does
   not: the overlay's port is blocked.  Small overlay packets pass but full-size ones do not: an
   MTU blackhole.
+
+A dual-stack peer is checked once per family, with the family as the parameter of one code
+path (``Lease.families``): its IPv4 and IPv6 datapaths are separate devices, routes and FDB
+entries, so one can break while the other works, and each row names its family.  This host's
+own lease is the merge of its subnet file's subnets of both families, as the daemon holds it.
 
 Probes use the system ``ping`` (iputils) rather than raw sockets: it is installed wherever
 overlayd's tests run, handles DF (``-M do``), timeouts and the ICMP errors a raw socket would
@@ -31,22 +37,22 @@ from __future__ import annotations
 import shutil
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from ipaddress import IPv4Address, IPv6Address
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from typing import Any
 
 import attrs
 
 from . import _loader
 from .config import NetworkConfig
-from .daemon import DaemonSettings, backend_options_in_force
+from .daemon import DaemonSettings, backend_options_in_force, host_for_families
 from .errors import PermanentError, UserError
 from .hostiface import select_host
 from .kernel import FdbEntry, Neighbour
 from .model import Lease
 from .peers import valid_peers
-from .plugin import Network
+from .plugin import Network, merge_leases
 from .probe import Pinger, Probe, ping
-from .subnetfile import previous_subnet
+from .subnetfile import previous_subnets
 
 Address = IPv4Address | IPv6Address
 
@@ -57,14 +63,16 @@ PORT_BLOCKED = "overlay port blocked: underlay reachable, overlay not"
 MTU_BLACKHOLE = "MTU blackhole: small packets pass, full-size do not"
 UNREACHABLE = "host unreachable: neither underlay nor overlay answers"
 
-ICMP_IPV4_OVERHEAD = 28  # IPv4 header 20 + ICMP header 8: ping -s MTU-28 fills the MTU exactly
+#: IP header + ICMP echo header per family: ``ping -s MTU-overhead`` fills the MTU exactly.
+ICMP_OVERHEAD = {4: 20 + 8, 6: 40 + 8}
 MAX_WORKERS = 32
 
 
 @attrs.frozen
 class PeerCheck:
-    """What ``check`` found about one peer."""
+    """What ``check`` found about one peer's subnet of one family."""
 
+    family: int  # 4 or 6: the overlay family (and the underlay family it is carried over)
     subnet: str
     public_ip: str
     overlay_address: str | None
@@ -154,8 +162,8 @@ def run_check(
         if shutil.which("ping") is None:
             raise UserError("overlayd check needs the ping command; install iputils-ping")
         pinger = ping
-    own_subnet = previous_subnet(settings.subnet_file)
-    if own_subnet is None:
+    own_subnets = previous_subnets(settings.subnet_file)
+    if not own_subnets:
         raise UserError(
             f"no subnet file at {settings.subnet_file}: is overlayd running on this host? "
             "pass the --subnet-file it writes"
@@ -169,10 +177,11 @@ def run_check(
         leases = store.list_leases().leases
     finally:
         store.close()
-    own = next((lease for lease in leases if lease.subnet == own_subnet), None)
-    if own is None:
-        raise UserError(f"the store has no lease for this host's subnet {own_subnet} (from {settings.subnet_file})")
-    host = select_host(settings.ifaces, settings.iface_regex, settings.iface_can_reach, settings.public_ip)
+    own = own_lease(leases, own_subnets, settings.subnet_file)
+    host = select_host(
+        settings.ifaces, settings.iface_regex, settings.iface_can_reach, settings.public_ip, settings.public_ipv6
+    )
+    host = host_for_families(host, config)
     backend = _loader.new_backend(config.backend_type, backend_options_in_force(settings, config.backend_type))
     network: Network | None
     try:
@@ -185,25 +194,27 @@ def run_check(
                             (host.public_ip, host.iface_addr, host.public_ipv6))  # fmt: skip
         actual = network.actual_state()
     else:
-        peers = [lease for lease in leases if lease.key != own.key and lease.attrs.public_ip is not None]
+        peers = [lease for lease in leases if lease.key not in own.keys]
         actual = frozenset()
     mtu = network.mtu if network is not None else host.iface_mtu
-    full_size = mtu - ICMP_IPV4_OVERHEAD
 
-    def one(peer: Lease, pool: ThreadPoolExecutor) -> PeerCheck:
+    def one(peer: Lease, family: int, pool: ThreadPoolExecutor) -> PeerCheck:
         kernel = kernel_problem(network.desired_state(own, [peer]), actual) if network is not None else None
         target = backend.probe_address(peer)
-        assert peer.attrs.public_ip is not None
-        underlay_f = pool.submit(pinger, peer.attrs.public_ip, count=count, timeout=timeout)
+        public_ip = peer.attrs.public_ip_of(family)
+        assert public_ip is not None  # valid_peers (or the filter below) saw to it
+        size = mtu - ICMP_OVERHEAD[family]
+        underlay_f = pool.submit(pinger, public_ip, count=count, timeout=timeout)
         overlay_f = pool.submit(pinger, target, count=count, timeout=timeout) if target else None
-        full_f = pool.submit(pinger, target, count=2, timeout=timeout, size=full_size, df=True) if target else None
+        full_f = pool.submit(pinger, target, count=2, timeout=timeout, size=size, df=True) if target else None
         underlay = underlay_f.result()
         overlay = overlay_f.result() if overlay_f else None
         full = full_f.result() if full_f else None
         ok, diagnosis = diagnose(kernel, underlay, overlay, full)
         return PeerCheck(
-            subnet=str(peer.subnet),
-            public_ip=str(peer.attrs.public_ip),
+            family=family,
+            subnet=str(peer.subnet_of(family)),
+            public_ip=str(public_ip),
             overlay_address=str(target) if target else None,
             overlay=overlay,
             underlay=underlay,
@@ -213,19 +224,45 @@ def run_check(
             ok=ok,
         )
 
-    ordered = sorted(peers, key=lambda lease: lease.key)
+    # One row per family of each peer: a peer lease read from one store key holds one family,
+    # a Kubernetes Node's may hold both, and each family is a datapath of its own.
+    work = sorted(
+        (
+            (family, peer.only(family))
+            for peer in peers
+            for family in peer.families
+            if family in config.families and peer.attrs.public_ip_of(family) is not None
+        ),
+        key=lambda item: (item[0], item[1].key),
+    )
     with ThreadPoolExecutor(max_workers=MAX_WORKERS) as probes, ThreadPoolExecutor(max_workers=8) as outer:
-        results = list(outer.map(lambda peer: one(peer, probes), ordered))
+        results = list(outer.map(lambda item: one(item[1], item[0], probes), work))
     return CheckResult(tuple(results), tuple(skipped), mtu)
+
+
+def own_lease(leases: Sequence[Lease], subnets: Sequence[IPv4Network | IPv6Network], path: str) -> Lease:
+    """This host's lease, merged from its store key of each family the subnet file names (as the
+    daemon holds it); ``UserError`` naming the subnet the store has no lease for."""
+    parts: list[Lease] = []
+    for subnet in subnets:
+        found = next((lease for lease in leases if lease.subnet_of(subnet.version) == subnet), None)
+        if found is None:
+            raise UserError(f"the store has no lease for this host's subnet {subnet} (from {path})")
+        if found not in parts:
+            parts.append(found)
+    return merge_leases(parts)
 
 
 def table(result: CheckResult) -> list[str]:
     """The human form: one row per peer."""
-    rows: list[Sequence[str]] = [("PEER", "PUBLIC IP", "OVERLAY", "UNDERLAY", f"MTU {result.mtu}", "DIAGNOSIS")]
+    rows: list[Sequence[str]] = [
+        ("FAMILY", "PEER", "PUBLIC IP", "OVERLAY", "UNDERLAY", f"MTU {result.mtu}", "DIAGNOSIS")
+    ]
     for peer in result.peers:
         overlay = f"{peer.overlay_address} {peer.overlay.shown()}" if peer.overlay else "-"
         full = peer.full_size.shown().split(" ")[0] if peer.full_size and peer.overlay and peer.overlay.ok else "-"
-        rows.append((peer.subnet, peer.public_ip, overlay, peer.underlay.shown(), full, peer.diagnosis))
+        underlay = peer.underlay.shown()
+        rows.append((f"IPv{peer.family}", peer.subnet, peer.public_ip, overlay, underlay, full, peer.diagnosis))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
     lines = ["  ".join([*(c.ljust(w) for c, w in zip(row[:-1], widths, strict=True)), row[-1]]) for row in rows]
     lines.extend(f"skipped {key}: {why}" for key, why in result.skipped)

@@ -284,7 +284,7 @@ class Daemon:
         self.metrics = Metrics()
         self._desired: frozenset[Any] | None = None  # the previous pass's desired state (drift)
         self._skipped: list[str] = []  # reasons for the leases skipped by the current pass
-        self._probe_targets: dict[str, Any] = {}  # peer subnet -> overlay address (--probe-interval)
+        self._probe_targets: dict[str, Any] = {}  # peer subnet (each family) -> overlay address
         self._probe_address: Any = None  # the backend's probe_address (classmethod)
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -647,9 +647,7 @@ class Daemon:
         if changed or audit or not change.empty:
             known = len(leases.leases) - sum(key in leases.leases for key in self.lease.keys)
             self.metrics.peers(known, len(self.valid_peer_leases), self._skipped_by_key.values())  # metrics
-            if self.settings.probe_interval > 0 and self._probe_address is not None:
-                targets = {str(p.subnet): self._probe_address(p) for p in self.valid_peer_leases.values()}
-                self._probe_targets = {subnet: address for subnet, address in targets.items() if address is not None}
+            self._set_probe_targets(self.valid_peer_leases.values())
         self.metrics.pass_done(time.monotonic() - started, len(change.add), len(removals))  # metrics
 
     def _enforce_while_waiting(
@@ -834,6 +832,13 @@ class Daemon:
                     self.metrics.store_up(False)  # metrics
                 stop.wait(backoff.next())
 
+    def _set_probe_targets(self, peers: Iterable[Lease]) -> None:
+        """``--probe-interval``'s targets: each family's subnet (CIDR, the metric's ``peer`` label)
+        of every peer -> that family's overlay address, so a dual-stack peer is probed twice."""
+        if self.settings.probe_interval > 0 and self._probe_address is not None:
+            targets = {str(p.subnet_of(v)): self._probe_address(p.only(v)) for p in peers for v in p.families}
+            self._probe_targets = {subnet: address for subnet, address in targets.items() if address is not None}
+
     def _probe_loop(self, stop: threading.Event) -> None:
         """``--probe-interval``: ping every programmed peer's overlay address, all at once, and
         export how many answered (and, with ``--probe-per-peer``, which).  Its own thread, so a
@@ -945,9 +950,7 @@ class Daemon:
         self.status.peers_programmed = len(peers)
         # metrics: one pass, its peers and the kernel state it leaves (actual + plan, no re-read)
         known = sum(1 for lease in snapshot.leases if lease.key not in self.lease.keys)
-        if self.settings.probe_interval > 0 and self._probe_address is not None:
-            targets = {str(peer.subnet): self._probe_address(peer) for peer in peers}
-            self._probe_targets = {subnet: address for subnet, address in targets.items() if address is not None}
+        self._set_probe_targets(peers)
         self.metrics.peers(known, len(peers), self._skipped)
         self.metrics.kernel_entries(plan.simulate(actual, change))
         self.metrics.pass_done(time.monotonic() - started, len(change.add), len(removals))

@@ -830,11 +830,14 @@ class Backend(Plugin):
 
         Pure, like :meth:`describe`.  The default is the subnet's first address (``.1``), where
         a CNI bridge puts its gateway; vxlan answers ``<subnet>.0``, its VTEP's own address.
-        None: this backend has no address to probe (only the underlay is checked).
+        None: this backend has no address to probe (only the underlay is checked).  A lease of
+        one family (what one store key holds) gives that family's address; callers pass
+        ``lease.only(family)`` for each family of a lease holding both.
         """
-        if lease.subnet is None or lease.subnet.num_addresses < 4:
+        subnet = lease.subnet if lease.subnet is not None else lease.ipv6_subnet
+        if subnet is None or subnet.num_addresses < 4:
             return None
-        return lease.subnet.network_address + 1
+        return subnet.network_address + 1
 
     def effective_options(self, config: NetworkConfig) -> Any:
         """This backend's options with the network config's ``Backend`` keys applied on top

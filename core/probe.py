@@ -43,8 +43,9 @@ CANNOT_RUN = "cannot run ping"
 
 
 def ping(dst: Address, *, count: int = 3, timeout: float = 1.0, size: int | None = None, df: bool = False) -> Probe:
-    """``ping`` *dst* (see the module note); never raises for an unreachable peer."""
-    argv = ["ping", "-n", "-q", "-c", str(count), "-W", f"{timeout:g}", "-i", "0.2"]
+    """``ping`` *dst* (``ping -6`` for an IPv6 address; see the module note); never raises for an
+    unreachable peer.  *size* is the ICMP payload: the caller subtracts its family's headers."""
+    argv = ["ping", f"-{dst.version}", "-n", "-q", "-c", str(count), "-W", f"{timeout:g}", "-i", "0.2"]
     if size is not None:
         argv += ["-s", str(size)]
     if df:
