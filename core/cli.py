@@ -789,6 +789,7 @@ def check(as_json: bool, count: int, timeout: float) -> None:
     say what is wrong; exit code 1 when any peer fails.
 
     Run it on a host where overlayd runs, with the same store, --iface and --subnet-file options.
+    Each family (IPv4, IPv6) of each peer is checked on its own, one row each.
     """
     result = checks.run_check(settings_from_params(_params()), count=count, timeout=timeout)
     if as_json:
