@@ -43,6 +43,7 @@ from __future__ import annotations
 import errno
 import ipaddress
 import logging
+import os
 import socket
 import struct
 import time
@@ -59,6 +60,7 @@ from .netlink import (
     MacAddress,
     Neighbour,
     Route,
+    injected_fault,
 )
 
 log = logging.getLogger(__name__)
@@ -339,9 +341,22 @@ class KernelCache:
         assert sock is not None
         self._seq += 1
         seq = self._seq
-        sock.send(_HDR.pack(_HDR.size + len(body), kind, NLM_F_REQUEST | NLM_F_DUMP, seq, 0) + body)
+        try:
+            sock.send(_HDR.pack(_HDR.size + len(body), kind, NLM_F_REQUEST | NLM_F_DUMP, seq, 0) + body)
+        except OSError as exc:
+            raise KernelError(f"netlink dump (type {kind}) failed: {exc}") from exc
         while True:
-            data = sock.recv(1 << 20)
+            try:
+                fault, _ = injected_fault("dump")  # a test's seam: (0, 1) unless asked for
+                if fault:
+                    raise OSError(fault, os.strerror(fault))
+                data = sock.recv(1 << 20)
+            except OSError as exc:
+                # e.g. ENOBUFS: the dump is incomplete, so the cache keeps its old content, asks
+                # for another read, and the caller's pass fails as a KernelError (retried) instead
+                # of ending the daemon; a later dump skips this one's leftovers by sequence number
+                self.needs_resync = True
+                raise KernelError(f"netlink dump (type {kind}) failed: {exc}") from exc
             for mkind, flags, mseq, start, end in _messages(data):
                 if mseq != seq:
                     continue
