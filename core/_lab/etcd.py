@@ -507,9 +507,10 @@ class EtcdCluster:
             member.kill()
 
     def etcdctl(self, *args: str, check: bool = True, timeout: float = 30.0) -> str:
-        """``etcdctl`` through the first running member, with every member as an endpoint."""
+        """``etcdctl`` with every running member as an endpoint (a killed one would cost a timeout)."""
         running = [m for m in self.members if m.running and not m._paused] or self.members
-        return running[0].etcdctl(f"--endpoints={self.endpoints}", *args, check=check, timeout=timeout)
+        endpoints = ",".join(m.endpoint for m in running)
+        return running[0].etcdctl(f"--endpoints={endpoints}", *args, check=check, timeout=timeout)
 
     def leader(self) -> EtcdServer:
         """The member that leads right now, from the status API (``etcdctl endpoint status``)."""
@@ -522,6 +523,20 @@ class EtcdCluster:
             if header["member_id"] == status["Status"]["leader"] and status["Endpoint"] in by_endpoint:
                 return by_endpoint[status["Endpoint"]]
         raise EtcdError(f"no member of {self.endpoints} says it is the leader: {statuses}")
+
+    def member_ids(self) -> dict[str, int]:
+        """Each running member's endpoint -> its member id, from the status API."""
+        import json
+
+        statuses = json.loads(self.etcdctl("endpoint", "status", "-w", "json", check=False) or "[]")
+        return {status["Endpoint"]: int(status["Status"]["header"]["member_id"]) for status in statuses}
+
+    def move_leader(self, member: EtcdServer) -> None:
+        """Hand the leadership to *member* (``etcdctl move-leader``, sent to the current leader)."""
+        target = self.member_ids()[member.endpoint]
+        leader = self.leader()
+        if leader is not member:
+            leader.etcdctl("move-leader", format(target, "x"))
 
     def compact(self) -> int:
         """Compact the whole history up to the current revision; returns that revision."""
