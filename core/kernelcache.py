@@ -198,6 +198,12 @@ class KernelCache:
         self._synced_at: float | None = None
         #: True when notifications were lost (ENOBUFS) or cannot be interpreted: resync.
         self.needs_resync = True
+        #: Counts a device that carried our objects when it went down coming up again, and then
+        #: the kernel's first route through it (its connected route: gateways reachable again):
+        #: writes through it that failed while it was down can succeed now, don't wait to retry.
+        self.devices_back = 0
+        self._flushed: set[str] = set()  # devices that went down under our objects
+        self._returning: set[int] = set()  # those that came up, until a route through them appears
         #: Counters for logs, tests and benches.
         self.overruns = 0
         self.dumps = 0
@@ -454,6 +460,12 @@ class KernelCache:
         elif kind in (RTM_NEWLINK, RTM_DELLINK):
             self._on_link(kind, *self._link(data, body, end))
         elif kind in (RTM_NEWROUTE, RTM_DELROUTE):
+            if self._returning and kind == RTM_NEWROUTE:
+                attrs = _attrs(data, body + _RTMSG.size, end)
+                oif = _U32.unpack_from(attrs[RTA_OIF])[0] if RTA_OIF in attrs else None
+                if oif in self._returning:
+                    self._returning.discard(oif)
+                    self.devices_back += 1
             route = self._route(data, body, end)
             if isinstance(route, Route):
                 self._set(route.key, {route} if kind == RTM_NEWROUTE else set())
@@ -492,6 +504,11 @@ class KernelCache:
             self.needs_resync = True  # renamed under our objects
         elif was_up and not up and self._uses(name):
             self.needs_resync = True  # the kernel flushes routes through a down device silently
+            self._flushed.add(name)
+        elif up and not was_up and name in self._flushed:
+            self._flushed.discard(name)
+            self._returning.add(index)
+            self.devices_back += 1
 
     def _uses(self, dev: str) -> bool:
         return any(obj.dev == dev for objs in self._slots.values() for obj in objs)

@@ -782,8 +782,8 @@ def apply_batch(plan: Plan[Any], chunk: int = BATCH_CHUNK) -> int:
     Opens a raw rtnetlink socket in the calling thread's network namespace, sends the requests
     in chunks of *chunk* (one ``send`` each) and collects every ack before the next chunk.  The
     kernel carries on after a failed request, so one bad object does not hold the others back;
-    the first failure is raised afterwards as a ``KernelError`` naming its object (the others
-    are logged).  Returns the number of requests sent.
+    the first failure is raised afterwards as a ``KernelError`` naming its object and counting
+    the others (logged at debug level).  Returns the number of requests sent.
     """
     failures: list[KernelError] = []
     requests: list[_Request] = []
@@ -831,9 +831,12 @@ def apply_batch(plan: Plan[Any], chunk: int = BATCH_CHUNK) -> int:
                 raise KernelError(f"netlink batch ({len(part)} requests) failed: {exc}") from exc
     finally:
         sock.close()
+    # The caller logs the raised error (the daemon once per distinct text while it retries), so
+    # the others go to debug: at warning, a host-gw host with its underlay down logged one line
+    # per peer on every retry, once a second, for as long as the link stayed down.
     for failure in failures[1:]:
-        log.warning("%s", failure)
+        log.debug("%s", failure)
     if failures:
-        more = f" (and {len(failures) - 1} more, logged)" if len(failures) > 1 else ""
+        more = f" (and {len(failures) - 1} more, at debug level)" if len(failures) > 1 else ""
         raise KernelError(f"{failures[0]}{more}")
     return len(requests)

@@ -317,12 +317,18 @@ def vxlan_state(host: topo.Host) -> VxlanState:
     )
 
 
-def wait_state(host: topo.Host, want: VxlanState, timeout: float, what: str) -> float:
-    """Seconds until *host*'s overlay state equals *want* (polled every 20 ms)."""
+def wait_state(
+    host: topo.Host,
+    want: VxlanState,
+    timeout: float,
+    what: str,
+    read: Callable[[topo.Host], VxlanState] = vxlan_state,
+) -> float:
+    """Seconds until *host*'s overlay state (as *read* reads it) equals *want* (polled every 20 ms)."""
     start = time.monotonic()
     deadline = start + timeout
     while True:
-        have = vxlan_state(host)
+        have = read(host)
         if have == want:
             return time.monotonic() - start
         if time.monotonic() > deadline:
