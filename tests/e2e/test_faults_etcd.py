@@ -146,6 +146,7 @@ def test_killed_etcd_a_joining_host_is_reachable_within_two_seconds_of_the_resta
     wait_full_mesh_routes(cluster)
 
 
+@pytest.mark.faults  # about 30 s
 def test_etcd_leader_killed_daemons_renew_and_watch_through_the_new_leader(make_cluster, figures):
     """Three members, the daemons given all three endpoints; the leader -- made the member the
     daemons talk to, so that they must move -- is SIGKILLed and stays dead."""
@@ -224,6 +225,7 @@ def _fake_lease(cluster: topo.Cluster, subnet: str, public_ip: str) -> None:
     cluster.etcd.etcdctl("put", f"/coreos.com/network/subnets/{subnet.replace('/', '-')}", value)
 
 
+@pytest.mark.faults  # about 30 s each
 @pytest.mark.parametrize("how", ["partitioned", "SIGSTOP"])
 def test_history_compacted_while_a_daemon_is_away_it_relists_once_and_converges(make_cluster, figures, how):
     """While host2's daemon cannot read the store (its traffic to etcd blackholed, or the process

@@ -197,7 +197,7 @@ def test_netlink_failures_on_apply_are_retried_and_converge(make_cluster, figure
     faults = cluster.workdir / "netlink-faults"
     victim = cluster.hosts[1]
     args = _args(cluster)
-    victim_args = _args(cluster, "--resync-period", "3")  # audits (kernel dumps) every 3 s
+    victim_args = _args(cluster, "--resync-period", "2")  # audits (kernel dumps) every 2 s
     victim.daemon = topo.NsProcess(
         victim.ns,
         victim.daemon_argv(victim_args),
@@ -206,7 +206,7 @@ def test_netlink_failures_on_apply_are_retried_and_converge(make_cluster, figure
     )
     bring_up(cluster, lambda h: victim_args if h is victim else args, init_args=embedded_store_args(cluster))
     c0, c1, c2 = (h.container for h in cluster.hosts)
-    window = 6.0  # each phase of the fault
+    window = 4.0  # each phase of the fault
     beside = background_ping(c0.ns, c2.address.ip, 2 * window + 6)  # unchanged hosts
     from_victim = background_ping(c1.ns, c0.address.ip, 2 * window + 6)  # the victim's existing state
     time.sleep(0.5)
@@ -221,7 +221,7 @@ def test_netlink_failures_on_apply_are_retried_and_converge(make_cluster, figure
     new.attach_container(new.wait_ready(30))
     time.sleep(max(0.0, window - (time.monotonic() - start)))
     during = vxlan_state(victim)
-    # phase 2: every kernel dump fails on receive (the audit, every 3 s, reads the kernel)
+    # phase 2: every kernel dump fails on receive (the audit, every 2 s, reads the kernel)
     faults.write_text("dump ENOBUFS\n")
     time.sleep(window)
     assert victim.daemon.running, victim.daemon.log_tail()
@@ -257,4 +257,6 @@ def test_netlink_failures_on_apply_are_retried_and_converge(make_cluster, figure
     assert received2 == sent2, f"pings from the victim lost: {out2.strip()}"
     assert took <= 3.0, f"converged {took:.2f} s after the failures stopped"
     assert len(fault_lines) <= 10 and not _repeated_warnings(fault_lines), "\n".join(fault_lines)
+    text = "\n".join(fault_lines)
+    assert "Device or resource busy" in text and "netlink dump" in text, f"a phase did not bite:\n{text}"
     assert _duplicated(cluster) == 0
