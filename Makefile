@@ -8,13 +8,15 @@ INSTALL_TARGET := .[test] ./examples/routes-file-backend
 else
 INSTALL_TARGET := -e .[test] -e ./examples/routes-file-backend
 endif
-APT_PACKAGES := etcd-server etcd-client iproute2 iputils-ping iperf3 containernetworking-plugins nftables iptables
-NEEDED_BINARIES := etcd etcdctl ip ping iperf3 nft iptables
+APT_PACKAGES := etcd-server etcd-client iproute2 iputils-ping iperf3 containernetworking-plugins nftables iptables util-linux
+NEEDED_BINARIES := etcd etcdctl ip ping iperf3 nft iptables setpriv
 
 .PHONY: test test-faults lint typecheck unit deps venv demo clean bench
 
+# dualstack_pending: tests/e2e/test_dual_stack.py needs the IPv6 lease and kernel branches; drop the
+# marker (here and in pyproject.toml) once they are merged.
 test: deps lint typecheck
-	$(PY) -m pytest -p no:cacheprovider --timeout 600 -m "not faults" $(PYTEST_ARGS)
+	$(PY) -m pytest -p no:cacheprovider --timeout 600 -m "not faults and not dualstack_pending" $(PYTEST_ARGS)
 
 # the long fault scenarios (e.g. etcd dead for the full 60 s); make test runs shorter forms
 test-faults: deps

@@ -15,7 +15,7 @@ import os
 import threading
 import tomllib
 from collections.abc import Callable, Iterator, Mapping
-from ipaddress import IPv4Address
+from ipaddress import IPv4Address, IPv6Address, ip_address
 from typing import Any
 
 import attrs
@@ -24,10 +24,11 @@ from . import _loader
 from ._loader import build_options as build_options  # part of the library API
 from .config import DEFAULT_BACKEND_TYPE, NetworkConfig
 from .errors import UserError
+from .ipam import find_own_lease
 from .model import Lease, LeaseEvent, LeaseList
 from .peers import valid_peers  # the daemon's own peer filter, so a dry run cannot disagree
 from .plan import Plan, diff
-from .plugin import Backend, HostInfo, Plugin, Store
+from .plugin import Backend, HostInfo, Plugin, Store, merge_leases
 
 ENV_PREFIX = "OVERLAYD"
 
@@ -146,25 +147,40 @@ class DryRun:
 
 def dry_run(
     store: Store,
-    public_ip: str | IPv4Address,
+    public_ip: str | IPv4Address | IPv6Address,
     *,
     backend_options: Mapping[str, Any] | None = None,
     read_kernel: bool = False,
 ) -> DryRun:
     """The desired kernel state (and, with *read_kernel*, the plan against this machine's
-    kernel) for the host whose lease carries *public_ip*.  Nothing is written anywhere."""
+    kernel) for the host whose lease carries *public_ip* (its PublicIP, or its PublicIPv6 for
+    an IPv6-only host).  A dual-stack host's lease is merged from its key of each family, as
+    the daemon holds it.  Nothing is written anywhere."""
     config = read_network_config(store)
     if config is None:
         raise UserError("the store has no network config; create one with 'overlayd network init'")
-    ip = IPv4Address(str(public_ip))
+    try:
+        ip = ip_address(str(public_ip))
+    except ValueError as exc:
+        raise UserError(f"{public_ip!r} is not an IP address") from exc
     snapshot = store.list_leases()
-    own = next((x for x in snapshot.leases if x.attrs.public_ip == ip and x.subnet is not None), None)
-    if own is None:
-        raise UserError(f"no lease in the store has PublicIP {ip}")
+    first = find_own_lease(config, snapshot.leases, ip, ip.version)
+    if first is None:
+        raise UserError(f"no lease in the store has {'PublicIP' if ip.version == 4 else 'PublicIPv6'} {ip}")
+    parts = [first]
+    for version in config.families:
+        other = first.attrs.public_ip_of(version)
+        found = find_own_lease(config, snapshot.leases, other, version) if version != ip.version else None
+        if found is not None:
+            parts.append(found)
+    own = merge_leases(parts)
     backend = load_backend(config.backend_type, **dict(backend_options or {}))
-    host = HostInfo(iface="", iface_index=0, iface_mtu=1500, public_ip=ip)
+    host = HostInfo(
+        iface="", iface_index=0, iface_mtu=1500, public_ip=own.attrs.public_ip, public_ipv6=own.attrs.public_ipv6
+    )
     network = backend.offline(config, host, own)
-    peers = tuple(valid_peers(config, network, own, snapshot.leases, lambda key, rev, why: None))
+    others = [x for x in snapshot.leases if x.key not in own.keys]
+    peers = tuple(valid_peers(config, network, own, others, lambda key, rev, why: None))
     desired = network.desired_state(own, peers)
     plan = diff(desired, network.actual_state()) if read_kernel else None
     return DryRun(own, peers, desired, plan)

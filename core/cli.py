@@ -19,6 +19,7 @@ other overlayd error is one line and exit code 1; only a bug shows a traceback.
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import json
 import logging
 import signal
@@ -31,7 +32,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime, timedelta
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from typing import Any
 
 import attrs
@@ -254,6 +255,9 @@ def _global_options(f: Callable[..., Any]) -> Callable[..., Any]:
         click.option("--iface-can-reach", help="Use the interface the kernel would use to reach this IP."),
         click.option("--public-ip", help="IP advertised to peers (default: the interface's)."),
         click.option(
+            "--public-ipv6", help="IPv6 address advertised to peers with IPv6 on (default: the interface's global one)."
+        ),
+        click.option(
             "--subnet-file",
             default="/run/flannel/subnet.env",
             show_default=True,
@@ -394,6 +398,7 @@ def settings_from_params(params: dict[str, Any]) -> DaemonSettings:
         iface_regex=tuple(params["iface_regex"]),
         iface_can_reach=params["iface_can_reach"],
         public_ip=params["public_ip"],
+        public_ipv6=params["public_ipv6"],
         subnet_file=params["subnet_file"],
         ip_masq=params["ip_masq"],
         firewall=params["firewall"],
@@ -486,12 +491,24 @@ def lease_row(lease: Lease) -> dict[str, Any]:
         "subnet": str(lease.subnet) if lease.subnet else None,
         "ipv6_subnet": str(lease.ipv6_subnet) if lease.ipv6_subnet else None,
         "public_ip": str(lease.attrs.public_ip) if lease.attrs.public_ip else None,
+        "public_ipv6": str(lease.attrs.public_ipv6) if lease.attrs.public_ipv6 else None,
         "backend_type": lease.attrs.backend_type,
         "backend_data": dict(lease.attrs.backend_data),
+        "backend_v6_data": dict(lease.attrs.backend_v6_data) if lease.attrs.backend_v6_data is not None else None,
         "expiration": lease.expiration.isoformat() if lease.expiration else None,
         "reservation": lease.is_reservation,
         "revision": lease.revision,
     }
+
+
+def _subnets(lease: Lease) -> str:
+    """The lease's subnets, one per family it holds (a Kubernetes Node may hold both)."""
+    return ",".join(str(lease.subnet_of(v)) for v in lease.families)
+
+
+def _public(lease: Lease, families: Sequence[int] | None = None) -> str:
+    """The public address of each family (PublicIP for IPv4, PublicIPv6 for IPv6)."""
+    return ",".join(str(lease.attrs.public_ip_of(v)) for v in (lease.families if families is None else families))
 
 
 def _expires_in(lease: Lease) -> str:
@@ -537,14 +554,14 @@ def _watch_leases(as_json: bool) -> None:
                        "lease": lease_row(lease) if lease is not None else None}  # fmt: skip
                 click.echo(json.dumps(doc))
             else:
-                who = f" {lease.attrs.public_ip}" if lease is not None else ""
+                who = f" {_public(lease, (item.subnet.version,))}" if lease is not None else ""
                 extra = "".join(f" {k}={v}" for k, v in describe(lease).items()) if lease is not None else ""
                 click.echo(f"{item.kind.name:<8} {item.subnet}{who}{extra} (revision {item.revision})")
             sys.stdout.flush()
 
 
 def _lease_table(found: Sequence[Lease], revision: int, as_json: bool) -> None:
-    rows = sorted(found, key=lambda x: (x.subnet is None, x.subnet or IPv4Network("0.0.0.0/0")))
+    rows = sorted(found, key=lambda x: [(v, int(x.subnet_of(v).network_address)) for v in x.families])  # type: ignore[union-attr]
     if as_json:
         click.echo(json.dumps({"revision": revision, "leases": [lease_row(x) for x in rows]}, indent=2))
         return
@@ -554,7 +571,7 @@ def _lease_table(found: Sequence[Lease], revision: int, as_json: bool) -> None:
     table = [("SUBNET", "PUBLIC IP", "BACKEND", *(c.upper() for c in columns), "EXPIRES")]
     for lease, detail in zip(rows, details, strict=True):
         extra = (detail.get(c, "-") for c in columns)
-        table.append((str(lease.subnet), str(lease.attrs.public_ip), lease.attrs.backend_type or "-", *extra,
+        table.append((_subnets(lease), _public(lease), lease.attrs.backend_type or "-", *extra,
                       _expires_in(lease)))  # fmt: skip
     widths = [max(len(row[i]) for row in table) for i in range(len(table[0]))]
     for row in table:
@@ -579,18 +596,20 @@ def _describer() -> Callable[[Lease], Mapping[str, str]]:
     return describe
 
 
-def _subnet_arg(ctx: click.Context, param: click.Parameter, value: str) -> IPv4Network:
+def _subnet_arg(ctx: click.Context, param: click.Parameter, value: str) -> IPv4Network | IPv6Network:
     try:
-        return IPv4Network(value, strict=True)
+        return ipaddress.ip_network(value, strict=True)
     except ValueError as exc:
-        raise click.BadParameter(f"{value!r} is not a subnet like 10.244.3.0/24 ({exc})", ctx, param) from exc
+        raise click.BadParameter(
+            f"{value!r} is not a subnet like 10.244.3.0/24 or fd00:10:244:3::/64 ({exc})", ctx, param
+        ) from exc
 
 
-def _ip_arg(ctx: click.Context, param: click.Parameter, value: str) -> IPv4Address:
+def _ip_arg(ctx: click.Context, param: click.Parameter, value: str) -> IPv4Address | IPv6Address:
     try:
-        ip = IPv4Address(value)
+        ip = ipaddress.ip_address(value)
     except ValueError as exc:
-        raise click.BadParameter(f"{value!r} is not an IPv4 address", ctx, param) from exc
+        raise click.BadParameter(f"{value!r} is not an IP address", ctx, param) from exc
     problem = public_ip_problem(ip)
     if problem is not None:
         raise click.BadParameter(f"{ip} {problem}; give the host's own underlay address", ctx, param)
@@ -600,18 +619,25 @@ def _ip_arg(ctx: click.Context, param: click.Parameter, value: str) -> IPv4Addre
 @cli.command()
 @click.argument("subnet", callback=_subnet_arg)
 @click.argument("public_ip", callback=_ip_arg)
-def reserve(subnet: IPv4Network, public_ip: IPv4Address) -> None:
-    """Reserve SUBNET for the host with PUBLIC_IP (never expires, never given to another host)."""
+def reserve(subnet: IPv4Network | IPv6Network, public_ip: IPv4Address | IPv6Address) -> None:
+    """Reserve SUBNET for the host with PUBLIC_IP (never expires, never given to another host).
+
+    An IPv6 SUBNET is reserved for the host whose PublicIPv6 is PUBLIC_IP."""
+    version = subnet.version
+    if public_ip.version != version:
+        raise UserError(f"PUBLIC_IP {public_ip} is not an IPv{version} address like SUBNET {subnet}")
     with _opened_store() as store:
         raw = store.get_config()
         if raw is not None:
             config = NetworkConfig.from_json(raw)
-            if not config.contains_subnet(subnet):
+            span = config.range_of(version)
+            if span is None:
+                raise UserError(f"the network config has no IPv{version} network; {subnet} cannot be reserved")
+            if not span.contains(subnet):
                 raise UserError(
-                    f"{subnet} is not a /{config.subnet_len} subnet between {config.subnet_min} and "
-                    f"{config.subnet_max} of network {config.network}"
+                    f"{subnet} is not a /{span.length} subnet between {span.lo} and {span.hi} of network {span.network}"
                 )
-            problem = public_ip_problem(public_ip, config.network)
+            problem = public_ip_problem(public_ip, span.network)
             if problem is not None:
                 raise UserError(f"PUBLIC_IP {public_ip} {problem}")
         store.reserve(subnet, public_ip)
@@ -620,7 +646,7 @@ def reserve(subnet: IPv4Network, public_ip: IPv4Address) -> None:
 
 @cli.command()
 @click.argument("subnet", callback=_subnet_arg)
-def unreserve(subnet: IPv4Network) -> None:
+def unreserve(subnet: IPv4Network | IPv6Network) -> None:
     """Remove the reservation of SUBNET."""
     with _opened_store() as store:
         store.unreserve(subnet)
@@ -629,16 +655,19 @@ def unreserve(subnet: IPv4Network) -> None:
 
 @cli.command()
 @click.argument("subnet", callback=_subnet_arg)
-def release(subnet: IPv4Network) -> None:
-    """Delete the lease of SUBNET (e.g. a dead host's); its peers remove their routes to it."""
+def release(subnet: IPv4Network | IPv6Network) -> None:
+    """Delete the lease of SUBNET (e.g. a dead host's); its peers remove their routes to it.
+
+    A dual-stack host holds one lease per family: release each subnet."""
+    version = subnet.version
     with _opened_store() as store:
-        lease = next((x for x in store.list_leases().leases if x.subnet == subnet), None)
+        lease = next((x for x in store.list_leases().leases if x.subnet_of(version) == subnet), None)
         if lease is None:
             raise UserError(f"no lease for {subnet}; 'overlayd leases' lists them")
         if lease.is_reservation:
             raise UserError(f"{subnet} is a reservation; remove it with 'overlayd unreserve {subnet}'")
-        store.delete_lease(lease)
-    click.echo(f"released {subnet} (was {lease.attrs.public_ip})")
+        store.delete_lease(lease.only(version))
+    click.echo(f"released {subnet} (was {lease.attrs.public_ip_of(version)})")
 
 
 @cli.command()

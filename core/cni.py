@@ -196,6 +196,7 @@ class PluginConfig:
     data_dir: str = DEFAULT_DATA_DIR
     subnet_file_wait: float = DEFAULT_SUBNET_FILE_WAIT
     delegate: Mapping[str, Any] = attrs.field(factory=dict)
+    ipam: Mapping[str, Any] = attrs.field(factory=dict)  # flannel's top-level "ipam": the delegate's IPAM base
     prev_result: Mapping[str, Any] | None = None
     passthrough: Mapping[str, Any] = attrs.field(factory=dict)  # args, runtimeConfig, dns
     raw: Mapping[str, Any] = attrs.field(factory=dict)
@@ -232,6 +233,14 @@ def parse_config(data: bytes, *, command: str = "ADD") -> PluginConfig:
     kind = delegate.get("type", "bridge")
     if not isinstance(kind, str) or not _NAME.match(kind):
         raise bad("delegate.type", "must be a plugin name such as bridge")
+    ipam = doc.get("ipam", {})
+    if not isinstance(ipam, dict):
+        raise bad("ipam", 'must be an object, the base of the delegate\'s IPAM (e.g. {"routes": [{"dst": "::/0"}]})')
+    user_routes = ipam.get("routes", [])
+    if not isinstance(user_routes, list) or not all(
+        isinstance(r, dict) and _is_cidr(r.get("dst")) for r in user_routes
+    ):
+        raise bad("ipam.routes", 'must be a list of routes like {"dst": "0.0.0.0/0"}')
     prev = doc.get("prevResult")
     if prev is not None and not isinstance(prev, dict):
         raise bad("prevResult", "must be an object")
@@ -246,10 +255,21 @@ def parse_config(data: bytes, *, command: str = "ADD") -> PluginConfig:
         data_dir=paths["dataDir"],
         subnet_file_wait=float(wait),
         delegate=delegate,
+        ipam=ipam,
         prev_result=prev,
         passthrough={k: doc[k] for k in ("args", "runtimeConfig", "dns") if k in doc},
         raw=doc,
     )
+
+
+def _is_cidr(value: object) -> bool:
+    if not isinstance(value, str):
+        return False
+    try:
+        ipaddress.ip_network(value, strict=False)
+    except ValueError:
+        return False
+    return True
 
 
 @attrs.frozen
@@ -322,10 +342,13 @@ def merge(base: Mapping[str, Any], override: Mapping[str, Any]) -> dict[str, Any
 def delegate_config(conf: PluginConfig, subnet: SubnetFile, cni_version: str) -> dict[str, Any]:
     """The configuration of the delegate plugin for this host's lease (flannel's generated one).
 
-    ``bridge`` + ``host-local``: one range per family (the host subnet), routes to the whole
-    network(s), the MTU of the overlay, the bridge as the pods' gateway, and masquerading by the
-    bridge plugin only when the daemon does not masquerade (``FLANNEL_IPMASQ``).  ``delegate``
-    is merged on top; ``name`` and ``cniVersion`` are always the runtime's.
+    ``bridge`` + ``host-local``: one range per family the subnet file has (IPv4 first, then the
+    ``FLANNEL_IPV6_SUBNET``; IPv6-only gives the one IPv6 range), a route per family to the whole
+    network, the MTU of the overlay, the bridge as the pods' gateway, and masquerading by the
+    bridge plugin only when the daemon does not masquerade (``FLANNEL_IPMASQ``).  As in flannel,
+    a top-level ``ipam`` is the base of the IPAM section: its keys are kept (``type`` defaults to
+    ``host-local``), its ``routes`` come before the generated ones, and ``ranges`` are always the
+    lease's.  ``delegate`` is merged on top; ``name`` and ``cniVersion`` are always the runtime's.
     """
     ranges: list[list[dict[str, str]]] = []
     routes: list[dict[str, str]] = []
@@ -336,12 +359,9 @@ def delegate_config(conf: PluginConfig, subnet: SubnetFile, cni_version: str) ->
         if pool is not None and whole is not None:
             ranges.append([{"subnet": str(pool)}])
             routes.append({"dst": str(whole), "gw": str(pool.network_address + 1)})
-    base: dict[str, Any] = {
-        "type": "bridge",
-        "mtu": subnet.mtu,
-        "ipMasq": not subnet.ip_masq,
-        "ipam": {"type": "host-local", "ranges": ranges, "routes": routes},
-    }
+    ipam = {"type": "host-local", **conf.ipam}
+    ipam.update(ranges=ranges, routes=[*conf.ipam.get("routes", []), *routes])
+    base: dict[str, Any] = {"type": "bridge", "mtu": subnet.mtu, "ipMasq": not subnet.ip_masq, "ipam": ipam}
     if conf.delegate.get("type", "bridge") == "bridge":
         base.update({"bridge": "cni0", "isGateway": True})
     out = merge(merge(base, conf.passthrough), conf.delegate)
@@ -350,11 +370,14 @@ def delegate_config(conf: PluginConfig, subnet: SubnetFile, cni_version: str) ->
 
 
 def lease_mismatch(saved: Mapping[str, Any], subnet: SubnetFile) -> str | None:
-    """Why a saved delegate config no longer matches the host's lease, or None when it does."""
+    """Why a saved delegate config no longer matches the host's lease, or None when it does.
+
+    Per family: every range the container was added in must still be this host's subnet of that
+    family (a dual-stack host whose IPv6 subnet moved while its IPv4 one stayed is a mismatch)."""
     ranges = saved.get("ipam", {}).get("ranges", []) if isinstance(saved.get("ipam"), Mapping) else []
     had = {str(r.get("subnet")) for group in ranges if isinstance(group, list) for r in group if isinstance(r, Mapping)}
     now = {str(s) for s in (subnet.subnet, subnet.ipv6_subnet) if s is not None}
-    if had and not had & now:
+    if had - now:
         return f"the container was added in {', '.join(sorted(had))}, this host now holds {', '.join(sorted(now))}"
     return None
 

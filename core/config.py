@@ -44,6 +44,44 @@ _KNOWN_KEYS = {
 
 
 @attrs.frozen
+class SubnetRange:
+    """One family's leasable subnets: the *length*-long subnets of *network* from *lo* to *hi*.
+
+    A view by index rather than a list: an IPv6 range (a /48 cut into /64s holds 65536, a /32
+    billions) is never enumerated; :mod:`overlayd.ipam` picks candidates by index.
+    """
+
+    network: IPv4Network | IPv6Network
+    length: int
+    lo: IPv4Address | IPv6Address
+    hi: IPv4Address | IPv6Address
+
+    @property
+    def version(self) -> int:
+        return self.network.version
+
+    @property
+    def step(self) -> int:
+        return 1 << (self.network.max_prefixlen - self.length)
+
+    def count(self) -> int:
+        return (int(self.hi) - int(self.lo)) // self.step + 1
+
+    def nth(self, index: int) -> IPv4Network | IPv6Network:
+        """The *index*-th subnet, SubnetMin being the 0th."""
+        kind = IPv4Network if self.version == 4 else IPv6Network
+        return kind((int(self.lo) + index * self.step, self.length))
+
+    def contains(self, subnet: IPv4Network | IPv6Network) -> bool:
+        return (
+            subnet.version == self.version
+            and subnet.prefixlen == self.length
+            and subnet.subnet_of(self.network)  # type: ignore[arg-type]
+            and self.lo <= subnet.network_address <= self.hi  # type: ignore[operator]
+        )
+
+
+@attrs.frozen
 class NetworkConfig:
     """A validated network config; every default already filled in."""
 
@@ -72,6 +110,23 @@ class NetworkConfig:
     def network_of(self, version: int) -> IPv4Network | IPv6Network | None:
         """``Network`` or ``IPv6Network``."""
         return self.network if version == 4 else self.ipv6_network
+
+    def range_of(self, version: int) -> SubnetRange | None:
+        """The leasable subnets of family *version* (None when that family is off)."""
+        fields: tuple[Any, ...] = (
+            (self.network, self.subnet_len, self.subnet_min, self.subnet_max)
+            if version == 4
+            else (self.ipv6_network, self.ipv6_subnet_len, self.ipv6_subnet_min, self.ipv6_subnet_max)
+        )
+        net, length, lo, hi = fields
+        if net is None or lo is None or hi is None:
+            return None
+        return SubnetRange(net, length, lo, hi)
+
+    def contains_of(self, version: int, subnet: IPv4Network | IPv6Network) -> bool:
+        """True when *subnet* is a leasable subnet of family *version* (right size, in range)."""
+        span = self.range_of(version)
+        return span is not None and span.contains(subnet)
 
     def subnet_count(self) -> int:
         """How many subnets lie in [SubnetMin, SubnetMax]."""

@@ -53,7 +53,7 @@ from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
-from ipaddress import IPv4Network
+from ipaddress import IPv4Network, IPv6Network
 from typing import Any
 
 import attrs
@@ -71,8 +71,8 @@ from .metrics import Metrics, drifted, kind_of
 from .model import Lease, LeaseAttrs, LeaseList
 from .peers import invalid_reason, public_ip_problem, resolve_claims, valid_peers
 from .plugin import Backend, HostInfo, Network, Store
-from .probe import ping
-from .subnetfile import SubnetFile, check_writable, previous_subnet, read_bounded, write_subnet_file
+from .probe import CANNOT_RUN, ping
+from .subnetfile import SubnetFile, check_writable, previous_subnets, read_bounded, write_subnet_file
 
 log = logging.getLogger(__name__)
 
@@ -102,6 +102,7 @@ class DaemonSettings:
     iface_regex: tuple[str, ...] = ()
     iface_can_reach: str | None = None
     public_ip: str | None = None
+    public_ipv6: str | None = None
     subnet_file: str = "/run/flannel/subnet.env"
     ip_masq: bool = False
     #: ``nftables``, ``iptables`` or ``none``.  The CLI's default is nftables; the library's is
@@ -212,6 +213,37 @@ def backend_options_in_force(settings: DaemonSettings, backend: str) -> dict[str
     return chosen
 
 
+def only_key(lease: Lease, version: int) -> str:
+    """The store key of *lease*'s subnet of family *version*."""
+    return lease.only(version).key
+
+
+def host_for_families(host: HostInfo, config: NetworkConfig) -> HostInfo:
+    """*host* with a public address for every family the network carries, and none for the
+    others (an IPv6-only lease publishes ``PublicIP`` null, as flannel's does).
+
+    ``UserError`` naming the flag when a family has no usable address: checked once the config
+    is known and before any lease is written or kernel object made."""
+    chosen: dict[int, Any] = {}
+    for version in (4, 6):
+        ip = host.public_ip if version == 4 else host.public_ipv6
+        if version not in config.families:
+            chosen[version] = None
+            continue
+        flag = "--public-ip" if version == 4 else "--public-ipv6"
+        if ip is None:
+            what = "IPv4" if version == 4 else "global IPv6"
+            raise UserError(
+                f"the network carries IPv{version} but interface {host.iface} has no {what} address; "
+                f"pass {flag} or choose another --iface"
+            )
+        problem = public_ip_problem(ip, config.network_of(version))
+        if problem is not None:
+            raise UserError(f"public IP {ip} {problem}; pass {flag} or --iface")
+        chosen[version] = ip
+    return attrs.evolve(host, public_ip=chosen[4], public_ipv6=chosen[6])
+
+
 class Daemon:
     def __init__(self, settings: DaemonSettings, *, store: Store | None = None, backend: Backend | None = None) -> None:
         self.settings = settings
@@ -277,7 +309,9 @@ class Daemon:
         settings = self.settings
         backoff = Backoff()
         check_writable(settings.subnet_file)
-        self.host = select_host(settings.ifaces, settings.iface_regex, settings.iface_can_reach, settings.public_ip)
+        self.host = select_host(
+            settings.ifaces, settings.iface_regex, settings.iface_can_reach, settings.public_ip, settings.public_ipv6
+        )
         while True:
             try:
                 store = self.store
@@ -289,10 +323,7 @@ class Daemon:
                 if stop.wait(backoff.next()):
                     return False
         assert self.config is not None
-        ip = self.host.public_ip
-        problem = public_ip_problem(ip, self.config.network) if ip is not None else None
-        if problem is not None:
-            raise UserError(f"public IP {ip} {problem}; pass --public-ip or --iface")
+        self.host = host_for_families(self.host, self.config)
         self.firewall = open_firewall(settings.firewall)
         self.status.rules_installed = isinstance(self.firewall, NoFirewall)
         backend = self._backend or _loader.new_backend(
@@ -313,9 +344,9 @@ class Daemon:
             raise
         log.info(
             "host %s (%s) holds %s; backend %s, MTU %d",
-            self.host.public_ip,
+            " ".join(str(ip) for ip in (self.host.public_ip, self.host.public_ipv6) if ip is not None),
             self.host.iface,
-            lease.subnet,
+            " ".join(str(lease.subnet_of(v)) for v in lease.families),
             self.config.backend_type,
             self.network.mtu,
         )
@@ -333,17 +364,17 @@ class Daemon:
 
     def _acquire(self, prefer_current: bool) -> Lease:
         assert self.config and self.host and self.network
-        prefer = []
-        if prefer_current and self.lease is not None and self.lease.subnet is not None:
-            prefer.append(self.lease.subnet)
-        previous = previous_subnet(self.settings.subnet_file)
-        if previous is not None:
-            prefer.append(previous)
+        prefer: list[IPv4Network | IPv6Network] = []
+        if prefer_current and self.lease is not None:
+            prefer += [s for s in (self.lease.subnet, self.lease.ipv6_subnet) if s is not None]
+        prefer += previous_subnets(self.settings.subnet_file)
+        v6_data = self.network.backend_v6_data
         lease_attrs = LeaseAttrs(
             public_ip=self.host.public_ip,
             public_ipv6=self.host.public_ipv6,
             backend_type=self.config.backend_type,
             backend_data=dict(self.network.backend_data),
+            backend_v6_data=dict(v6_data) if v6_data is not None and 6 in self.config.families else None,
         )
         lease = self.store.acquire_lease(self.config, lease_attrs, prefer=prefer)
         self.status.store_healthy = True
@@ -353,9 +384,9 @@ class Daemon:
     def _adopt(self, lease: Lease) -> None:
         """Make *lease* ours: finish the backend setup and (re)write the subnet file."""
         assert self.config and self.network
-        changed = self.lease is None or self.lease.subnet != lease.subnet
+        changed = self.lease is None or (self.lease.subnet, self.lease.ipv6_subnet) != (lease.subnet, lease.ipv6_subnet)
         self.lease = lease
-        self.status.lease_subnet = str(lease.subnet)
+        self.status.lease_subnet = " ".join(str(lease.subnet_of(v)) for v in lease.families)
         self.status.lease_expiration = lease.expiration.isoformat() if lease.expiration else None
         self.metrics.lease(lease.expiration)  # metrics
         if changed:
@@ -371,6 +402,8 @@ class Daemon:
             subnet=self.lease.subnet,
             mtu=self.network.mtu,
             ip_masq=self.masquerades,
+            ipv6_network=self.config.ipv6_network,
+            ipv6_subnet=self.lease.ipv6_subnet,
         ).render()
 
     @property
@@ -405,7 +438,7 @@ class Daemon:
             try:
                 self.store.release_lease(self.lease)
             except OverlaydError as exc:
-                log.warning("could not release lease %s: %s", self.lease.subnet, exc)
+                log.warning("could not release lease %s: %s", " ".join(self.lease.keys), exc)
         if self.network is not None:
             self.network.teardown()
         try:
@@ -496,7 +529,7 @@ class Daemon:
                 self._keep_lease_cached(leases)
                 assert self.lease is not None
                 kernel.drain()
-                own = (self.lease.key, self.lease.subnet, self.lease.attrs)
+                own = (self.lease.keys, self.lease.attrs)
                 rebuild = built_for != own  # our lease or host changed: every peer's objects may differ
                 if audit or kernel.needs_resync:
                     if not audit:
@@ -630,7 +663,7 @@ class Daemon:
             self.metrics.kernel_entry_counts(self._kernel_counts)
             self._tally_due = True
         if changed or audit or not change.empty:
-            known = len(leases.leases) - (self.lease.key in leases.leases)
+            known = len(leases.leases) - sum(key in leases.leases for key in self.lease.keys)
             self.metrics.peers(known, len(self.valid_peer_leases), self._skipped_by_key.values())  # metrics
             if self.settings.probe_interval > 0 and self._probe_address is not None:
                 targets = {str(p.subnet): self._probe_address(p) for p in self.valid_peer_leases.values()}
@@ -669,8 +702,8 @@ class Daemon:
 
     def _keep_lease_cached(self, leases: LeaseCache) -> None:
         assert self.lease is not None
-        current = None if self.lease.key in leases.held else leases.leases.get(self.lease.key)
-        self._keep_lease(LeaseList((current,) if current is not None else (), leases.revision))
+        mine = [leases.leases.get(key) for key in self.lease.keys if key not in leases.held]
+        self._keep_lease(LeaseList(tuple(x for x in mine if x is not None), leases.revision))
 
     def _peer_objects(self, lease: Lease | None) -> frozenset[Any]:
         """The kernel objects for one valid peer (none for a peer that is gone or invalid)."""
@@ -722,7 +755,7 @@ class Daemon:
             self._candidates.pop(key, None)
             self._skipped_by_key.pop(key, None)
             lease = leases.get(key)
-            if lease is None or key == own.key or (lease.is_reservation and not lease.attrs.backend_type):
+            if lease is None or key in own.keys or (lease.is_reservation and not lease.attrs.backend_type):
                 continue
             reason = invalid_reason(self.config, self.network, own, lease, addresses)
             if reason is not None:
@@ -781,9 +814,9 @@ class Daemon:
                 cache.relist()
                 cache.take_changes()
                 snapshot = cache.snapshot()
-                own = self.lease.key if self.lease is not None else None
-                if own in cache.held:  # ours is re-created, never held
-                    snapshot = LeaseList(tuple(x for x in snapshot.leases if x.key != own), snapshot.revision)
+                held = set(self.lease.keys if self.lease is not None else ()) & set(cache.held)
+                if held:  # ours is re-created, never held
+                    snapshot = LeaseList(tuple(x for x in snapshot.leases if x.key not in held), snapshot.revision)
                 listed = time.monotonic()
                 self._snapshot = snapshot
                 self.status.store_healthy = True
@@ -824,11 +857,17 @@ class Daemon:
         export how many answered (and, with ``--probe-per-peer``, which).  Its own thread, so a
         dead peer's timeout never delays a reconcile pass; it reads only the target list the
         last pass left."""
+        warned = False
         with ThreadPoolExecutor(max_workers=32, thread_name_prefix="overlayd-probe") as pool:
             while not stop.wait(self.settings.probe_interval):
                 targets = dict(self._probe_targets)
-                answers = dict(zip(targets, pool.map(lambda ip: ping(ip, count=1, timeout=1.0).ok, targets.values()),
-                                   strict=True))  # fmt: skip
+                probes = dict(zip(targets, pool.map(lambda ip: ping(ip, count=1, timeout=1.0), targets.values()),
+                                  strict=True))  # fmt: skip
+                answers = {subnet: probe.ok for subnet, probe in probes.items()}
+                broken = next((p.detail for p in probes.values() if p.detail.startswith(CANNOT_RUN)), None)
+                if broken is not None and not warned:
+                    log.warning("probe: %s", broken)  # once: e.g. run without CAP_NET_RAW
+                warned = warned or broken is not None
                 self.metrics.peers_reachable(sum(answers.values()))  # metrics
                 if self.settings.probe_per_peer:
                     self.metrics.peer_reachable(answers)  # metrics
@@ -861,18 +900,23 @@ class Daemon:
         return max(0.0, (due - datetime.now(UTC)).total_seconds(), floor)
 
     def _keep_lease(self, snapshot: LeaseList) -> None:
-        """Renew our lease when due; re-acquire it (same subnet preferred) when it is gone."""
+        """Renew our lease when due, every key of it (one per family); re-acquire it (same
+        subnets preferred) when any key is gone or now names another host."""
         assert self.lease is not None
-        current = next((x for x in snapshot.leases if x.key == self.lease.key), None)
-        if current is None or current.attrs.public_ip != self.lease.attrs.public_ip:
-            log.warning("lease %s is gone from the store; acquiring again", self.lease.subnet)
-            self._reacquire()
-            return
+        own = self.lease
+        current = {x.key: x for x in snapshot.leases if x.key in own.keys}
+        for version in own.families:
+            key = only_key(own, version)
+            found = current.get(key)
+            if found is None or found.attrs.public_ip_of(version) != own.attrs.public_ip_of(version):
+                log.warning("lease %s is gone from the store; acquiring again", own.subnet_of(version))
+                self._reacquire()
+                return
         due = self._renew_due_in()
         if due is not None and due <= 0:
             try:
                 self._last_renewal = time.monotonic()
-                self.lease = self.store.renew_lease(current)
+                self.lease = self.store.renew_lease(own)
                 self.status.lease_expiration = self.lease.expiration.isoformat() if self.lease.expiration else None
                 self.metrics.lease(self.lease.expiration)  # metrics
                 log.debug("renewed lease %s until %s", self.lease.subnet, self.lease.expiration)
@@ -881,8 +925,11 @@ class Daemon:
 
     def _reacquire(self) -> None:
         lease = self._acquire(prefer_current=True)
-        if self.lease is not None and lease.subnet != self.lease.subnet:
-            log.warning("re-acquired a different subnet %s (was %s)", lease.subnet, self.lease.subnet)
+        if self.lease is not None:
+            for version in lease.families:
+                now, was = lease.subnet_of(version), self.lease.subnet_of(version)
+                if was is not None and now != was:
+                    log.warning("re-acquired a different subnet %s (was %s)", now, was)
         self._adopt(lease)
 
     def reconcile(self, snapshot: LeaseList) -> plan.Plan[Any]:
@@ -915,7 +962,7 @@ class Daemon:
         self.status.last_reconcile = time.monotonic()
         self.status.peers_programmed = len(peers)
         # metrics: one pass, its peers and the kernel state it leaves (actual + plan, no re-read)
-        known = sum(1 for lease in snapshot.leases if lease.key != self.lease.key)
+        known = sum(1 for lease in snapshot.leases if lease.key not in self.lease.keys)
         if self.settings.probe_interval > 0 and self._probe_address is not None:
             targets = {str(peer.subnet): self._probe_address(peer) for peer in peers}
             self._probe_targets = {subnet: address for subnet, address in targets.items() if address is not None}
@@ -1001,7 +1048,9 @@ class Daemon:
         assert self.config is not None and self.network is not None and self.lease is not None
         host = self.host
         addresses = (host.public_ip, host.iface_addr, host.public_ipv6) if host is not None else ()
-        return valid_peers(self.config, self.network, self.lease, leases, self._report_invalid, addresses)
+        mine = set(self.lease.keys)  # a dual-stack host's own lease is one key per family
+        others = [lease for lease in leases if lease.key not in mine]
+        return valid_peers(self.config, self.network, self.lease, others, self._report_invalid, addresses)
 
     def _report_invalid(self, key: str, revision: int, reason: str) -> None:
         self._skipped.append(reason)

@@ -16,6 +16,13 @@ a namespace).  The demo never touches the root namespace's sysctls, so it refuse
 that would overflow that table (50 hosts lost 226 of 2450 pings with "neighbor table overflow")
 and names the sysctl that an operator may raise.  A step that finds a failure says FAILED, never
 ok, even when it raised nothing.
+
+``--ipv6`` shows a dual-stack cluster: the hosts get an IPv6 underlay address as well
+(2001:db8::/32, see ``_topology``), the network config written to the store adds flannel's
+``EnableIPv6`` with ``IPv6Network`` fd00::/48 and ``IPv6SubnetLen`` 64, each container gets an
+address of both families from the host's subnet file, and the ping matrix runs once per family
+(``ping -6`` between the containers' IPv6 addresses).  A subnet file without the IPv6 pair is a
+failure that says so, rather than a silent IPv4-only demo.
 """
 
 from __future__ import annotations
@@ -32,7 +39,7 @@ import threading
 import time
 import types
 from collections.abc import Iterator
-from ipaddress import IPv4Network
+from ipaddress import IPv4Network, IPv6Network
 from typing import Any
 
 import click
@@ -43,6 +50,9 @@ log = logging.getLogger(__name__)
 
 IPERF_PORT = 5201
 IPERF_SECONDS = 3
+IPV6_NETWORK = IPv6Network("fd00::/48")  # the overlay's IPv6 network with --ipv6
+IPV6_SUBNET_LEN = 64
+FAMILY_NAME = {4: "IPv4", 6: "IPv6"}
 
 
 class Progress:
@@ -108,6 +118,7 @@ class Progress:
 
 
 NEIGH_TABLE_SYSCTL = "/proc/sys/net/ipv4/neigh/default/gc_thresh3"
+NEIGH_TABLE_SYSCTL6 = "/proc/sys/net/ipv6/neigh/default/gc_thresh3"  # IPv6 has a table of its own (--ipv6)
 NEIGH_RESERVE = 128  # entries left for everything else on the machine (the table is shared)
 
 
@@ -134,14 +145,14 @@ def max_hosts_for(table_size: int) -> int:
     return hosts
 
 
-def check_scale(hosts: int, table_size: int | None) -> str | None:
-    """Why *hosts* would overflow the neighbour table, or None when it fits."""
+def check_scale(hosts: int, table_size: int | None, family: int = 4) -> str | None:
+    """Why *hosts* would overflow the IPv*family* neighbour table, or None when it fits."""
     if table_size is None or neighbour_entries_needed(hosts) <= table_size - NEIGH_RESERVE:
         return None
     return (
         f"--hosts {hosts} needs about {neighbour_entries_needed(hosts)} neighbour entries, but the kernel's "
-        f"table holds {table_size} for all namespaces (net.ipv4.neigh.default.gc_thresh3, set only in the root "
-        f"namespace); use --hosts {max_hosts_for(table_size)} or fewer, or raise gc_thresh3 (and gc_thresh2)"
+        f"table holds {table_size} for all namespaces (net.ipv{family}.neigh.default.gc_thresh3, set only in the "
+        f"root namespace); use --hosts {max_hosts_for(table_size)} or fewer, or raise gc_thresh3 (and gc_thresh2)"
     )
 
 
@@ -165,16 +176,32 @@ def fetch_leases(cluster: topo.Cluster, store_args: list[str]) -> list[dict[str,
     return [row for row in rows if isinstance(row, dict)]
 
 
+def network_config(network: str, backend: str, ipv6: bool) -> dict[str, Any]:
+    """flannel's network config for the demo: *network* (IPv4) and, with *ipv6*, fd00::/48 too."""
+    config: dict[str, Any] = {"Network": network, "Backend": {"Type": backend}}
+    if ipv6:
+        config.update(EnableIPv6=True, IPv6Network=str(IPV6_NETWORK), IPv6SubnetLen=IPV6_SUBNET_LEN)
+    return config
+
+
+def _row_family(row: dict[str, Any]) -> int:
+    """A lease row's family: a row read from a ``v6-subnets/`` key has only ``ipv6_subnet``."""
+    return 4 if row.get("subnet") else 6
+
+
 def format_leases(cluster: topo.Cluster, rows: list[dict[str, Any]]) -> list[str]:
-    by_ip = {str(h.underlay.ip): h.name for h in cluster.hosts}
+    by_ip = {str(a.ip): h.name for h in cluster.hosts for a in h.underlay_addresses}
     table = [("SUBNET", "HOST", "PUBLIC IP", "BACKEND", "VTEP MAC", "EXPIRES")]
     for row in rows:
-        data = row.get("backend_data") or {}
+        v6 = _row_family(row) == 6
+        subnet = row.get("ipv6_subnet") if v6 else row.get("subnet")
+        public = (row.get("public_ipv6") or row.get("public_ip")) if v6 else row.get("public_ip")
+        data = (row.get("backend_v6_data") if v6 else row.get("backend_data")) or {}
         table.append(
             (
-                str(row.get("subnet")),
-                by_ip.get(str(row.get("public_ip")), "?"),
-                str(row.get("public_ip")),
+                str(subnet),
+                by_ip.get(str(public), "?"),
+                str(public),
                 str(row.get("backend_type") or "-"),
                 str(data.get("VtepMAC", "-")) if isinstance(data, dict) else "-",
                 str(row.get("expiration") or "never")[:19],
@@ -233,6 +260,14 @@ def run_iperf(cluster: topo.Cluster, client: topo.Host, server: topo.Host) -> fl
         srv.stop(timeout=2)
 
 
+def _subnets(env: topo.SubnetEnv) -> str:
+    return "+".join(str(s.network) for s in (env.subnet, env.ipv6_subnet) if s is not None)
+
+
+def _networks(env: topo.SubnetEnv) -> list[IPv4Network | IPv6Network]:
+    return [s.network for s in (env.subnet, env.ipv6_subnet) if s is not None]
+
+
 def _human_bits(bps: float) -> str:
     for unit, scale in (("Gbit/s", 1e9), ("Mbit/s", 1e6), ("kbit/s", 1e3)):
         if bps >= scale:
@@ -240,19 +275,42 @@ def _human_bits(bps: float) -> str:
     return f"{bps:.0f} bit/s"
 
 
-def _wait_peer_routes(host: topo.Host, peers: list[IPv4Network], timeout: float) -> None:
+def _wait_peer_routes(host: topo.Host, peers: list[IPv4Network | IPv6Network], timeout: float) -> None:
     def present() -> bool:
-        have = {r.get("dst") for r in host.routes()}
+        have = {r.get("dst") for family in {p.version for p in peers} for r in host.routes(family)}
         return all(str(p) in have for p in peers)
 
     topo.wait_until(present, timeout, what=f"routes to every peer on {host.name}")
 
 
-def run_demo(hosts: int, backend: str, store: str, keep: bool, network: str, timeout: float, out: Any = None) -> int:
+def _check_families(envs: dict[int, topo.SubnetEnv], families: tuple[int, ...]) -> None:
+    """Every host's subnet file carries each family the network config asked for."""
+    for index, env in envs.items():
+        missing = [f for f in families if f not in env.families]
+        if missing:
+            keys = " / ".join("FLANNEL_IPV6_SUBNET" if f == 6 else "FLANNEL_SUBNET" for f in missing)
+            raise topo.TopologyError(
+                f"host{index}'s subnet file has no {keys}: the daemon did not lease an "
+                f"{'/'.join(FAMILY_NAME[f] for f in missing)} subnet (does this overlayd support EnableIPv6?)"
+            )
+
+
+def run_demo(
+    hosts: int,
+    backend: str,
+    store: str,
+    keep: bool,
+    network: str,
+    timeout: float,
+    out: Any = None,
+    *,
+    ipv6: bool = False,
+) -> int:
     """The demo itself; returns the exit code.  Cleans up on every path unless *keep*."""
     echo = (lambda text: click.echo(text, file=out)) if out is not None else click.echo
     progress = Progress()
-    cluster = topo.Cluster(hosts, store_ns=(store == "etcd"), keep=keep)
+    cluster = topo.Cluster(hosts, store_ns=(store == "etcd"), keep=keep, ipv6=ipv6)
+    families = (4, 6) if ipv6 else (4,)
     all_ok = False
     try:
         with progress.step(f"building {hosts} hosts on a switch (prefix {cluster.prefix})"):
@@ -269,9 +327,15 @@ def run_demo(hosts: int, backend: str, store: str, keep: bool, network: str, tim
             "--resync-period", "5",
             "--log-level", "info",
         ]  # fmt: skip
-        with progress.step(f"writing the network config {network} to the store (overlayd network init)"):
-            init = cluster.overlayd_cli(*store_args, "--log-level", "error", "network", "init",
-                                        "--network", network, "--backend", backend)  # fmt: skip
+        shown = f"{network} + {IPV6_NETWORK}" if ipv6 else network
+        with progress.step(f"writing the network config {shown} to the store (overlayd network init)"):
+            if ipv6:
+                conf = cluster.workdir / "net-conf.json"
+                conf.write_text(json.dumps(network_config(network, backend, ipv6)))
+                how = ["--from-json", str(conf)]
+            else:
+                how = ["--network", network, "--backend", backend]
+            init = cluster.overlayd_cli(*store_args, "--log-level", "error", "network", "init", *how)
             if init.returncode != 0:
                 raise topo.TopologyError(f"overlayd network init failed: {(init.stderr or init.stdout).strip()}")
         with progress.step(f"starting overlayd --backend {backend} --store {store} on every host"):
@@ -282,15 +346,16 @@ def run_demo(hosts: int, backend: str, store: str, keep: bool, network: str, tim
             for host in cluster.hosts:
                 envs[host.index] = host.wait_ready(timeout)
                 p.update(f"{len(envs)}/{hosts}")
-            p.update(", ".join(f"{cluster.hosts[i].name}={e.subnet.network}" for i, e in envs.items()))
+            p.update(", ".join(f"{cluster.hosts[i].name}={_subnets(e)}" for i, e in envs.items()))
+            _check_families(envs, families)
         with progress.step("attaching a container to cni0 on every host"):
             for host in cluster.hosts:
                 host.attach_container(envs[host.index])
         if backend in ("vxlan", "host-gw"):
             with progress.step("waiting for routes to every peer") as p:
-                subnets = {h.index: envs[h.index].subnet.network for h in cluster.hosts}
+                subnets = {h.index: _networks(envs[h.index]) for h in cluster.hosts}
                 for host in cluster.hosts:
-                    peers = [s for i, s in subnets.items() if i != host.index]
+                    peers = [s for i, nets in subnets.items() if i != host.index for s in nets]
                     _wait_peer_routes(host, peers, timeout)
                     p.update(f"{host.index + 1}/{hosts}")
         with progress.step("reading the leases back from the store"):
@@ -299,20 +364,36 @@ def run_demo(hosts: int, backend: str, store: str, keep: bool, network: str, tim
         echo(f"Leases ({len(rows)}):")
         for line in format_leases(cluster, rows):
             echo("  " + line)
-        with progress.step(f"ping matrix: {hosts * (hosts - 1)} pairs, 3 packets each") as p:
-            results = cluster.ping_matrix(count=3, timeout=1)
-            lost = sum(1 for r in results.values() if not r.ok)
-            if lost or not results:
-                p.fail(f"{lost} of {len(results)} pairs failed")
+        matrices: dict[int, dict[tuple[int, int], topo.PingResult]] = {}
+        for family in families:
+            label = f" ({FAMILY_NAME[family]})" if ipv6 else ""
+            with progress.step(f"ping matrix{label}: {hosts * (hosts - 1)} pairs, 3 packets each") as p:
+                matrix = cluster.ping_matrix(count=3, timeout=1, family=family)
+                lost = sum(1 for r in matrix.values() if not r.ok)
+                if lost or not matrix:
+                    p.fail(f"{lost} of {len(matrix)} pairs failed")
+            matrices[family] = matrix
+        for family, matrix in matrices.items():
+            echo("")
+            if family == 4:
+                what = "ping -c 3 -W 1, container .2 to container .2"
+            else:
+                what = "ping -6 -c 3 -W 1, container ::2 to container ::2"
+            label = f"{FAMILY_NAME[family]} c" if ipv6 else "C"
+            echo(f"{label}ontainer ping matrix (average RTT of {what}):")
+            for line in format_matrix(cluster, matrix):
+                echo("  " + line)
+        results = {(f, a, b): r for f, matrix in matrices.items() for (a, b), r in matrix.items()}
+        failed = [(f, a, b) for (f, a, b), r in results.items() if not r.ok]
         echo("")
-        echo("Container ping matrix (average RTT of ping -c 3 -W 1, container .2 to container .2):")
-        for line in format_matrix(cluster, results):
-            echo("  " + line)
-        failed = [(a, b) for (a, b), r in results.items() if not r.ok]
-        rtts = [r.rtt_avg_ms for r in results.values() if r.rtt_avg_ms is not None]
-        echo("")
-        if rtts:
-            echo(f"RTT: median {statistics.median(rtts):.3f} ms, max {max(rtts):.3f} ms over {len(rtts)} pairs")
+        for family, matrix in matrices.items():
+            rtts = [r.rtt_avg_ms for r in matrix.values() if r.rtt_avg_ms is not None]
+            if rtts:
+                label = f"{FAMILY_NAME[family]} " if ipv6 else ""
+                echo(
+                    f"{label}RTT: median {statistics.median(rtts):.3f} ms, max {max(rtts):.3f} ms "
+                    f"over {len(rtts)} pairs"
+                )
         if failed:
             echo("iperf3: skipped, the containers do not reach each other")
         elif shutil.which("iperf3"):
@@ -326,12 +407,13 @@ def run_demo(hosts: int, backend: str, store: str, keep: bool, network: str, tim
             echo("iperf3: not installed, no throughput figure")
         if failed:
             echo(f"FAILED: {len(failed)} of {len(results)} pings did not get through: "
-                 + ", ".join(f"host{a}->host{b}" for a, b in failed))  # fmt: skip
-            for a, b in failed[:3]:
-                log.info("ping host%d->host%d: %s", a, b, results[(a, b)].output)
+                 + ", ".join(f"host{a}->host{b}" + (f" (IPv{f})" if ipv6 else "") for f, a, b in failed))  # fmt: skip
+            for f, a, b in failed[:3]:
+                log.info("ping host%d->host%d (IPv%d): %s", a, b, f, results[(f, a, b)].output)
             echo(f"daemon logs: {cluster.workdir}/host*/overlayd.log" + ("" if keep else " (removed on exit)"))
         else:
-            echo(f"OK: all {len(results)} container pairs reach each other over the {backend} overlay")
+            both = " for IPv4 and IPv6" if ipv6 else ""
+            echo(f"OK: all {len(results)} container pairs reach each other over the {backend} overlay{both}")
         all_ok = not failed and bool(results)
     except topo.TopologyError as exc:
         echo(f"overlayd demo: {exc}")
@@ -353,6 +435,9 @@ def run_demo(hosts: int, backend: str, store: str, keep: bool, network: str, tim
                 echo("")
                 echo(f"Kept: namespaces {cluster.prefix}*, files in {cluster.workdir}.")
                 echo(f"  e.g. ip netns exec {cluster.prefix}c0 ping 10.244.x.2; ip -n {cluster.prefix}h0 route")
+                if ipv6:
+                    c0, h0 = f"{cluster.prefix}c0", f"{cluster.prefix}h0"
+                    echo(f"       ip netns exec {c0} ping -6 fd00:0:0:x::2; ip -n {h0} -6 route")
                 echo("  remove with: overlayd demo --cleanup")
             else:
                 with progress.step("cleaning up namespaces and processes"):
@@ -383,6 +468,11 @@ def run_demo(hosts: int, backend: str, store: str, keep: bool, network: str, tim
     show_default=True,
     help="Seconds to wait for each step (leases, routes).",
 )
+@click.option(
+    "--ipv6",
+    is_flag=True,
+    help=f"Dual-stack: IPv6 underlay addresses too, the overlay adds {IPV6_NETWORK} (EnableIPv6), pings both families.",
+)
 @click.option("--keep", is_flag=True, help="Leave the namespaces and daemons running; remove later with --cleanup.")
 @click.option(
     "--cleanup",
@@ -391,7 +481,7 @@ def run_demo(hosts: int, backend: str, store: str, keep: bool, network: str, tim
     help="Only remove what earlier demo runs (--keep, or a crash) left behind.",
 )
 def demo_command(
-    hosts: int, backend: str, store_name: str, network: str, timeout: float, keep: bool, cleanup_only: bool
+    hosts: int, backend: str, store_name: str, network: str, timeout: float, ipv6: bool, keep: bool, cleanup_only: bool
 ) -> None:  # fmt: skip
     """A multi-host cluster in network namespaces on this machine: leases, ping matrix, iperf3.
 
@@ -413,11 +503,13 @@ def demo_command(
     if not net.subnet_of(IPv4Network("10.0.0.0/8")):
         raise click.BadParameter("the demo keeps overlays inside 10.0.0.0/8", param_hint="--network")
     too_many = check_scale(hosts, neighbour_table_size())
+    if ipv6 and not too_many:
+        too_many = check_scale(hosts, neighbour_table_size(NEIGH_TABLE_SYSCTL6), family=6)
     if too_many:
         raise click.BadParameter(too_many, param_hint="--hosts")
     for sig in (signal.SIGTERM, signal.SIGHUP):
         signal.signal(sig, _raise_interrupt)
-    code = run_demo(hosts, backend, store_name, keep, str(net), timeout)
+    code = run_demo(hosts, backend, store_name, keep, str(net), timeout, ipv6=ipv6)
     sys.exit(code)
 
 

@@ -22,7 +22,7 @@ import random
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import datetime, timedelta
-from ipaddress import IPv4Address, IPv4Network, IPv6Address
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from typing import Any, ClassVar, Self, TypeVar
 
 import attrs
@@ -311,11 +311,45 @@ def is_ipv6_key(key: str) -> bool:
     return ":" in key
 
 
-def _owner(entry: Entry) -> IPv4Address | None:
+def _owner(entry: Entry, version: int = 4) -> IPv4Address | IPv6Address | None:
+    """Who holds *entry*: its public address of family *version* (None when unreadable)."""
     try:
-        return LeaseAttrs.from_json(entry.value).public_ip
+        return LeaseAttrs.from_json(entry.value).public_ip_of(version)
     except GarbledLease:
         return None
+
+
+def _owner_text(entry: Entry, version: int) -> str:
+    """The owner of *entry* for a message: its address, or why it has none."""
+    try:
+        owner = LeaseAttrs.from_json(entry.value).public_ip_of(version)
+    except GarbledLease:
+        return "an unreadable value"
+    return str(owner) if owner is not None else f"a value without a {'PublicIP' if version == 4 else 'PublicIPv6'}"
+
+
+def _version(key: str) -> int:
+    return 6 if is_ipv6_key(key) else 4
+
+
+def merge_leases(parts: Sequence[Lease]) -> Lease:
+    """One lease holding the subnets of *parts* (one per family, read from one key each).
+
+    The attrs are the first part's (every key of a host carries the same JSON); the expiration
+    is the earliest, so a renewal due for either key is due for the merged lease, and None
+    only when every part is a reservation."""
+    assert parts, "a lease has at least one family"
+    by_family = {v: part for part in parts for v in part.families}
+    expirations = [p.expiration for p in parts if p.expiration is not None]
+    created = [p.created_revision for p in parts if p.created_revision]
+    return attrs.evolve(
+        parts[0],
+        subnet=by_family[4].subnet if 4 in by_family else None,
+        ipv6_subnet=by_family[6].ipv6_subnet if 6 in by_family else None,
+        expiration=min(expirations) if expirations else None,
+        revision=max(p.revision for p in parts),
+        created_revision=min(created) if created else 0,
+    )
 
 
 class Store(Plugin):
@@ -495,20 +529,25 @@ class Store(Plugin):
         return None if entry is None else self.lease_from_entry(entry)
 
     def update_lease(self, lease: Lease, attrs: LeaseAttrs) -> Lease:
-        """Rewrite our lease's attrs and refresh its TTL (a reservation stays one).
+        """Rewrite our lease's attrs and refresh its TTL on every key it holds (one per family;
+        a reservation stays one).
 
-        Raises ``LeaseLost`` when the key no longer exists or now holds another host's lease
-        (or an unreadable value): another host's lease is never overwritten.
+        Raises ``LeaseLost`` when a key no longer exists or now holds another host's lease (or an
+        unreadable value): another host's lease is never overwritten.  The owner of a key is the
+        public address of its family (PublicIP for ``subnets/``, PublicIPv6 for ``v6-subnets/``).
         """
-        key = lease.key
+        return merge_leases([self._update_key(k, attrs) for k in lease.keys])
+
+    def _update_key(self, key: str, attrs: LeaseAttrs) -> Lease:
         value = attrs.to_json()
+        me = attrs.public_ip_of(_version(key))
         for _ in range(CAS_ATTEMPTS):
             current = self.get_entry(key)
             if current is None:
                 raise LeaseLost(f"lease {key} no longer exists in the store")
-            owner = _owner(current)
-            if owner != attrs.public_ip:
-                raise LeaseLost(f"lease {key} now belongs to {owner or 'an unreadable value'}")
+            owner = _owner(current, _version(key))
+            if me is None or owner != me:
+                raise LeaseLost(f"lease {key} now belongs to {_owner_text(current, _version(key))}")
             ttl = None if current.expiration is None else self.lease_ttl
             written = self.put_entry(current, value, ttl)
             if written is not None:
@@ -520,43 +559,62 @@ class Store(Plugin):
         return self.update_lease(lease, lease.attrs)
 
     def delete_lease(self, lease: Lease) -> None:
-        """Remove *lease*; a missing key, or one that now holds another host's lease, is left alone."""
-        key = lease.key
+        """Remove every key of *lease*; a missing key, one that now holds another host's lease,
+        or a reservation (``unreserve`` alone removes those: *lease* may predate ``overlayd
+        reserve``) is left alone."""
+        for key in lease.keys:
+            self._delete_key(key, lease.attrs)
+
+    def release_lease(self, lease: Lease) -> None:
+        """Give up our lease at shutdown, every key of it; a reservation is kept."""
+        if not lease.is_reservation:
+            self.delete_lease(lease)
+
+    def _delete_key(self, key: str, attrs: LeaseAttrs) -> None:
+        me = attrs.public_ip_of(_version(key))
         for _ in range(CAS_ATTEMPTS):
             current = self.get_entry(key)
             if current is None:
                 return
-            owner = _owner(current)
-            if owner != lease.attrs.public_ip:
-                log.info("not deleting %s: it now holds the lease of %s", key, owner or "an unreadable value")
+            owner = _owner(current, _version(key))
+            if me is None or owner != me:
+                log.info("not deleting %s: it now holds the lease of %s", key, _owner_text(current, _version(key)))
+                return
+            if current.expiration is None:
+                log.info("not deleting %s: it is a reservation of %s; 'overlayd unreserve' removes it", key, owner)
                 return
             if self.delete_entry(current):
                 return
         raise StoreUnavailable(f"lease {key} kept changing under us; try again")
 
-    def release_lease(self, lease: Lease) -> None:
-        """Give up our lease at shutdown; a reservation is kept."""
-        if not lease.is_reservation:
-            self.delete_lease(lease)
-
-    def reserve(self, subnet: IPv4Network, public_ip: IPv4Address) -> Lease:
+    def reserve(self, subnet: IPv4Network | IPv6Network, public_ip: IPv4Address | IPv6Address) -> Lease:
         """Create a reservation (no TTL) for *public_ip*, or turn its own lease into one.
 
-        ``UserError`` when the subnet holds another host's lease or an unreadable value.
+        An IPv6 subnet is reserved for a PublicIPv6 (in ``v6-subnets/``), an IPv4 one for a
+        PublicIP.  ``UserError`` when the subnet holds another host's lease or an unreadable
+        value, or when the two families differ.
         """
+        if subnet.version != public_ip.version:
+            raise UserError(f"subnet {subnet} and public IP {public_ip} are not of the same IP version")
         key = subnet_to_key(subnet)
+        version = subnet.version
+        mine = (
+            LeaseAttrs(public_ip=public_ip, backend_type="")
+            if isinstance(public_ip, IPv4Address)
+            else LeaseAttrs(public_ip=None, public_ipv6=public_ip, backend_type="")
+        )
         for _ in range(CAS_ATTEMPTS):
             current = self.get_entry(key)
             if current is None:
-                written = self.create_entry(key, LeaseAttrs(public_ip=public_ip, backend_type="").to_json(), None)
+                written = self.create_entry(key, mine.to_json(), None)
             else:
                 try:
                     attrs = LeaseAttrs.from_json(current.value)
                 except GarbledLease as exc:
                     raise UserError(f"subnet {subnet} holds an unreadable value ({exc}); delete it first") from exc
-                if attrs.public_ip != public_ip:
+                if attrs.public_ip_of(version) != public_ip:
                     raise UserError(
-                        f"subnet {subnet} is leased by {attrs.public_ip}; "
+                        f"subnet {subnet} is leased by {attrs.public_ip_of(version)}; "
                         "release that lease first or reserve another subnet"
                     )
                 written = self.put_entry(current, attrs.to_json(), None)
@@ -564,7 +622,7 @@ class Store(Plugin):
                 return self.lease_from_entry(written)
         raise StoreUnavailable(f"subnet {subnet} kept changing under us; try again")
 
-    def unreserve(self, subnet: IPv4Network) -> None:
+    def unreserve(self, subnet: IPv4Network | IPv6Network) -> None:
         """Remove the reservation of *subnet*; a missing one is not an error.
 
         ``NotAReservation`` (a ``UserError``) when the subnet holds a live lease: that is
@@ -576,7 +634,7 @@ class Store(Plugin):
             if current is None:
                 return
             if current.expiration is not None:
-                owner = _owner(current)
+                owner = _owner(current, subnet.version)
                 raise NotAReservation(
                     f"{subnet} is a live lease of {owner or 'an unreadable value'}, not a reservation; "
                     f"'overlayd release {subnet}' deletes a lease"
@@ -590,22 +648,40 @@ class Store(Plugin):
         config: NetworkConfig,
         attrs: LeaseAttrs,
         *,
-        prefer: Sequence[IPv4Network] = (),
+        prefer: Sequence[IPv4Network | IPv6Network] = (),
         rng: random.Random | None = None,
     ) -> Lease:
-        """Get this host a lease: reuse its own (matched by public IP), else a preferred free
-        subnet, else a random free one.  Lost races are retried a bounded number of times."""
+        """Get this host a lease of every family the network carries (``config.families``),
+        merged into one :class:`Lease`: per family, reuse its own (matched by the public address
+        of that family), else a preferred free subnet, else a random free one.  Lost races are
+        retried a bounded number of times.  Each family is one key (``subnets/``,
+        ``v6-subnets/``) carrying the same attrs JSON."""
         rng = rng or random.Random()
+        return merge_leases([self._acquire_family(config, attrs, v, prefer, rng) for v in config.families])
+
+    def _acquire_family(
+        self,
+        config: NetworkConfig,
+        attrs: LeaseAttrs,
+        version: int,
+        prefer: Sequence[IPv4Network | IPv6Network],
+        rng: random.Random,
+    ) -> Lease:
+        me = attrs.public_ip_of(version)
+        if me is None:
+            flag = "--public-ip" if version == 4 else "--public-ipv6"
+            raise UserError(f"the IPv{version} network needs this host's IPv{version} public address; pass {flag}")
         for _ in range(ACQUIRE_ATTEMPTS):
             snapshot = self.list_leases()
-            own = ipam.find_own_lease(config, snapshot.leases, attrs.public_ip)
+            own = ipam.find_own_lease(config, snapshot.leases, me, version)
             if own is not None:
                 try:
                     return self.update_lease(own, attrs)
                 except LeaseLost:
                     continue
-            subnet = ipam.choose_free_subnet(config, snapshot.leases, prefer=prefer, rng=rng)
-            created = self.create_lease(Lease(subnet, attrs, None))
+            subnet = ipam.choose_free_subnet(config, snapshot.leases, version=version, prefer=prefer, rng=rng)
+            draft = Lease(subnet, attrs, None) if isinstance(subnet, IPv4Network) else Lease(None, attrs, None, subnet)
+            created = self.create_lease(draft)
             if created is not None:
                 return created
             log.debug("lost the race for %s; trying again", subnet)

@@ -38,6 +38,9 @@ class Probe:
 
 Pinger = Callable[..., Probe]
 
+#: How a probe that could not even start ``ping`` begins its detail.
+CANNOT_RUN = "cannot run ping"
+
 
 def ping(dst: Address, *, count: int = 3, timeout: float = 1.0, size: int | None = None, df: bool = False) -> Probe:
     """``ping`` *dst* (see the module note); never raises for an unreachable peer."""
@@ -51,6 +54,8 @@ def ping(dst: Address, *, count: int = 3, timeout: float = 1.0, size: int | None
         proc = subprocess.run(argv, capture_output=True, text=True, timeout=count * (timeout + 0.2) + 10, check=False)
     except subprocess.TimeoutExpired:
         return Probe(False, detail="ping did not finish")
+    except OSError as exc:  # not installed, or not executable: ping's file capability exceeds ours
+        return Probe(False, detail=f"{CANNOT_RUN}: {exc.strerror or exc}; probes need ping and CAP_NET_RAW")
     counts, rtt = _COUNTS.search(proc.stdout), _RTT.search(proc.stdout)
     received = int(counts.group(2)) if counts else 0
     detail = (proc.stdout + proc.stderr).strip().splitlines()

@@ -176,6 +176,21 @@ def previous_subnet(path: str) -> IPv4Network | None:
     return parse_subnet(read_env(path).get("FLANNEL_SUBNET"))
 
 
+def previous_subnets(path: str) -> list[IPv4Network | IPv6Network]:
+    """The subnets recorded by a previous run, one per family (``FLANNEL_SUBNET``,
+    ``FLANNEL_IPV6_SUBNET``), those that are valid: what a restart prefers."""
+    env = read_env(path)
+    out: list[IPv4Network | IPv6Network] = []
+    for key, kind in (("FLANNEL_SUBNET", IPv4Network), ("FLANNEL_IPV6_SUBNET", IPv6Network)):
+        try:
+            net = ipaddress.ip_interface(env.get(key, "").strip()).network
+        except ValueError:
+            continue
+        if isinstance(net, kind):
+            out.append(net)
+    return out
+
+
 _Net = TypeVar("_Net", IPv4Network, IPv6Network)
 
 

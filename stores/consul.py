@@ -51,6 +51,7 @@ import binascii
 import json
 import logging
 import os
+import ssl
 import threading
 import time
 from collections import OrderedDict
@@ -166,6 +167,43 @@ def _items(doc: Any) -> list[_Item]:
     return items
 
 
+def _check_pem(flags: str, cafile: str, certfile: str, keyfile: str) -> None:
+    """``UserError`` naming the flag when a TLS file is not what it should be (checked with the
+    standard library's ``ssl`` before any connection: the client would only say "unreachable")."""
+    if cafile:
+        try:
+            ssl.create_default_context(cafile=cafile)
+        except (ssl.SSLError, ValueError) as exc:
+            raise UserError(f"{flags}cafile {cafile} holds no usable PEM CA certificate ({exc})") from exc
+    if certfile and keyfile:
+        try:
+            # an empty password: an encrypted key fails here instead of prompting on a terminal
+            ssl.create_default_context().load_cert_chain(certfile, keyfile, password=b"")
+        except ssl.SSLError as exc:
+            raise UserError(
+                f"{flags}certfile {certfile} and {flags}keyfile {keyfile} are not a PEM certificate and its "
+                f"unencrypted private key ({exc})"
+            ) from exc
+
+
+def _ssl_reason(exc: BaseException) -> str:
+    """The certificate problem behind a requests ``SSLError`` (wrapped two or three deep), not
+    its whole text, which repeats the request's URL."""
+    seen: set[int] = set()
+    stack: list[Any] = [exc]
+    while stack:
+        item = stack.pop()
+        if not isinstance(item, BaseException) or id(item) in seen:
+            continue
+        seen.add(id(item))
+        if isinstance(item, ssl.SSLCertVerificationError):
+            return f"certificate verify failed: {item.verify_message}"
+        if isinstance(item, ssl.SSLError) and item.reason:
+            return str(item.reason)
+        stack.extend([*item.args, getattr(item, "reason", None), item.__cause__, item.__context__])
+    return exc.__class__.__name__
+
+
 class ConsulStore(Store):
     """Consul KV with sessions, in flannel's key layout (leases die with their Consul session)."""
 
@@ -226,6 +264,7 @@ class ConsulStore(Store):
                         pass
                 except OSError as exc:
                     raise UserError(f"cannot read --consul-{flag} {path}: {exc.strerror}") from exc
+        _check_pem("--consul-", options.cafile, options.certfile, options.keyfile)
 
     # -- HTTP ---------------------------------------------------------------------------------
 
@@ -255,8 +294,9 @@ class ConsulStore(Store):
                 response = http.delete(keep, path, params=query, headers=headers)
         except requests.exceptions.SSLError as exc:
             raise UserError(
-                f"TLS handshake with Consul at {self._url} failed ({exc.__class__.__name__}); "
-                "check --consul-cafile, --consul-certfile and --consul-keyfile"
+                f"TLS handshake with Consul at {self._url} failed ({_ssl_reason(exc)}); "
+                "check --consul-cafile (the CA that signed Consul's server certificate), --consul-certfile "
+                "and --consul-keyfile"
             ) from exc
         except requests.exceptions.RequestException as exc:
             raise StoreUnavailable(f"Consul at {self._url} did not answer ({what}): {exc.__class__.__name__}") from exc

@@ -152,8 +152,11 @@ class EmbeddedStore(Store):
             ) from exc
         self._check_file(force=True)
         try:
+            # Created here, private (0600), before SQLite makes it with the umask's mode: SQLite
+            # gives the -wal and -shm files the mode of the database file.
+            os.close(os.open(options.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600))
             self._db = sqlite3.connect(options.path, timeout=10.0, isolation_level=None, check_same_thread=False)
-        except sqlite3.Error as exc:
+        except (sqlite3.Error, OSError) as exc:
             raise UserError(
                 f"cannot open the embedded store at {options.path} ({exc}); pass --embedded-path with a writable file"
             ) from exc

@@ -62,6 +62,7 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import ssl
 import threading
 import time
 import warnings
@@ -90,6 +91,9 @@ from overlayd.sdk import (
 
 # python-etcd3 0.12's *_pb2 modules predate protobuf 4's upb runtime; see the design notes.
 os.environ.setdefault("PROTOCOL_BUFFERS_PYTHON_IMPLEMENTATION", "python")
+# gRPC's C core writes its own lines to stderr (a failed TLS handshake: two or three); the store
+# turns each failure into one line of ours.  GRPC_VERBOSITY=INFO (or DEBUG) brings them back.
+os.environ.setdefault("GRPC_VERBOSITY", "NONE")
 
 import grpc
 
@@ -147,6 +151,59 @@ _CONNECTION_CODES = {
 # Failure texts of a TLS setup mistake (unknown CA, rejected client cert), as opposed to a
 # connection that dropped mid-handshake, which stays a transient StoreUnavailable.
 _TLS_HINTS = ("certificate", "x509", "ssl_error_ssl", "tsi_data_corrupted", "wrong_version_number", "alert")
+# What a handshake failure means, by fragments of gRPC's (BoringSSL's) detail text, and the fix.
+_TLS_PROBLEMS = (
+    (("wrong_version_number",), "the endpoint does not speak TLS", "use an http:// endpoint"),
+    (
+        ("certificate_expired", "certificate has expired"),
+        "the server's certificate has expired",
+        "renew etcd's server certificate",
+    ),
+    (
+        ("is not in peer certificate", "hostname mismatch", "ip address mismatch"),
+        "the server's certificate is not valid for this host name or address",
+        "connect to a name in its subjectAltName, or reissue it",
+    ),
+    (
+        ("bad_signature", "certificate_verify_failed", "certificate verify failed", "unable to get local issuer",
+         "self signed", "self-signed", "unknown_ca"),
+        "the server's certificate is not signed by the CA in --etcd-cafile",
+        "pass the CA that signed etcd's server certificate as --etcd-cafile",
+    ),
+    (
+        ("bad_certificate", "certificate_required", "certificate required", "tsi_data_corrupted"),
+        "etcd refused this client's certificate (or none was sent)",
+        "pass --etcd-certfile and --etcd-keyfile signed by a CA in etcd's --trusted-ca-file",
+    ),
+)  # fmt: skip
+
+
+def _tls_problem(detail: str) -> tuple[str, str]:
+    """(what is wrong, how to fix it) for a failed TLS handshake, from gRPC's detail text."""
+    lowered = detail.lower()
+    for fragments, problem, fix in _TLS_PROBLEMS:
+        if any(fragment in lowered for fragment in fragments):
+            return problem, fix
+    return "the TLS handshake failed", "check --etcd-cafile, --etcd-certfile and --etcd-keyfile"
+
+
+def _check_pem(flags: str, cafile: str, certfile: str, keyfile: str) -> None:
+    """``UserError`` naming the flag when a TLS file is not what it should be (checked with the
+    standard library's ``ssl`` before any connection: the client would only say "unreachable")."""
+    if cafile:
+        try:
+            ssl.create_default_context(cafile=cafile)
+        except (ssl.SSLError, ValueError) as exc:
+            raise UserError(f"{flags}cafile {cafile} holds no usable PEM CA certificate ({exc})") from exc
+    if certfile and keyfile:
+        try:
+            # an empty password: an encrypted key fails here instead of prompting on a terminal
+            ssl.create_default_context().load_cert_chain(certfile, keyfile, password=b"")
+        except ssl.SSLError as exc:
+            raise UserError(
+                f"{flags}certfile {certfile} and {flags}keyfile {keyfile} are not a PEM certificate and its "
+                f"unencrypted private key ({exc})"
+            ) from exc
 
 
 @attrs.frozen
@@ -274,7 +331,10 @@ class EtcdStore(Store):
         if len(secure) > 1:
             raise UserError("etcd endpoints mix http:// and https://; use one scheme for all members")
         if secure == {True} and not options.cafile:
-            raise UserError("https:// etcd endpoints need --etcd-cafile (the CA that signed the etcd server cert)")
+            raise UserError(
+                f"etcd endpoint {self._endpoints[0].url} uses https:// but no --etcd-cafile was given: pass the CA "
+                "that signed etcd's server certificate (server certificates are always verified)"
+            )
         if secure == {False} and (options.cafile or options.certfile):
             raise UserError("TLS files were given but the etcd endpoints use http://; use https:// endpoints")
         for flag, path in (("cafile", options.cafile), ("certfile", options.certfile), ("keyfile", options.keyfile)):
@@ -284,6 +344,7 @@ class EtcdStore(Store):
                         pass
                 except OSError as exc:
                     raise UserError(f"cannot read --etcd-{flag} {path}: {exc.strerror}") from exc
+        _check_pem("--etcd-", options.cafile, options.certfile, options.keyfile)
 
     # -- connections --------------------------------------------------------------------------
 
@@ -356,10 +417,11 @@ class EtcdStore(Store):
             raise UserError(
                 f"etcd at {url} requires authentication ({detail}); pass --etcd-username and --etcd-password"
             ) from error
-        if code is grpc.StatusCode.UNAVAILABLE and any(hint in lowered for hint in _TLS_HINTS):
+        if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNKNOWN) and any(h in lowered for h in _TLS_HINTS):
+            problem, fix = _tls_problem(detail)
             raise UserError(
-                f"TLS handshake with etcd at {url} failed ({detail.splitlines()[0][:200]}); "
-                "check --etcd-cafile, --etcd-certfile and --etcd-keyfile"
+                f"TLS handshake with etcd at {url} failed: {problem} "
+                f"({detail.splitlines()[0].rpartition('last error: ')[2][:200]}); {fix}"
             ) from error
 
     def _call(self, what: str, fn: Callable[[etcd3.Etcd3Client], T]) -> T:

@@ -505,7 +505,10 @@ class KubernetesStore(Store):
             try:
                 node = parse_node(item)
             except GarbledLease as exc:
-                self.report_garbled("node/?", 0, exc)
+                meta = item.get("metadata") if isinstance(item, dict) else None
+                meta = meta if isinstance(meta, dict) else {}
+                name = meta.get("name") if isinstance(meta.get("name"), str) else "?"
+                self.report_garbled(f"node/{name}", _checksum(str(meta.get("resourceVersion"))), exc)
                 continue
             lease = self._lease_or_report(node)
             if lease is not None:
@@ -606,7 +609,7 @@ class KubernetesStore(Store):
         config: NetworkConfig,
         attrs: LeaseAttrs,
         *,
-        prefer: Sequence[IPv4Network] = (),
+        prefer: Sequence[IPv4Network | IPv6Network] = (),
         rng: Any = None,
     ) -> Lease:
         """Our Node's pod CIDR as our lease, with our attributes published on the Node.
@@ -658,8 +661,13 @@ class KubernetesStore(Store):
                 f"node {node.name} has pod CIDR {v6}, outside the IPv6Network {config.ipv6_network} of the net-conf "
                 f"{self.options.net_conf}; make the controller manager's --cluster-cidr and IPv6Network agree"
             )
-        if v4 is None and config.network is not None and config.ipv6_network is None:
-            raise ConfigError(f"node {node.name} has only an IPv6 pod CIDR but the net-conf has no IPv6Network")
+        for version, cidr in ((4, v4), (6, v6)):
+            if version in config.families and cidr is None:
+                raise ConfigError(
+                    f"node {node.name} has no IPv{version} pod CIDR but the net-conf {self.options.net_conf} "
+                    f"carries IPv{version}; give the controller manager a --cluster-cidr of both families "
+                    "or turn that family off in the net-conf"
+                )
 
     def _published_attrs(self, node: _Node, attrs: LeaseAttrs) -> LeaseAttrs:
         """*attrs* with the public IP the Node's annotations ask for, as flannel honours them."""
@@ -690,7 +698,7 @@ class KubernetesStore(Store):
         """Republish *attrs* on our Node; ``LeaseLost`` when its pod CIDR is no longer *lease*'s."""
         name = self.node_name
         node = self._get_node(name) if name else None
-        if node is None or not node.cidrs or subnet_to_key(node.v4 or node.cidrs[0]) != lease.key:
+        if node is None or not _holds(node, lease):
             raise LeaseLost(f"lease {lease.key} is no longer the pod CIDR of Node {name or '?'}")
         wanted = annotations_for(self._published_attrs(node, attrs), self._prefix)
         if any(node.annotations.get(key) != value for key, value in wanted.items()):
@@ -704,7 +712,7 @@ class KubernetesStore(Store):
         Node's pod CIDR."""
         name = self.node_name
         node = self._get_node(name) if name else None
-        if node is None or not node.cidrs or subnet_to_key(node.v4 or node.cidrs[0]) != lease.key:
+        if node is None or not _holds(node, lease):
             raise LeaseLost(f"lease {lease.key} is no longer the pod CIDR of Node {name or '?'}")
         return lease
 
@@ -717,13 +725,13 @@ class KubernetesStore(Store):
             "delete the Node (kubectl delete node NAME) to free it"
         )
 
-    def reserve(self, subnet: IPv4Network, public_ip: IPv4Address) -> Lease:
+    def reserve(self, subnet: IPv4Network | IPv6Network, public_ip: IPv4Address | IPv6Address) -> Lease:
         raise UserError(
             "reservations are not supported by the kubernetes store: the controller manager assigns "
             "every Node's pod CIDR (spec.podCIDR)"
         )
 
-    def unreserve(self, subnet: IPv4Network) -> None:
+    def unreserve(self, subnet: IPv4Network | IPv6Network) -> None:
         raise UserError(
             "reservations are not supported by the kubernetes store: the controller manager assigns "
             "every Node's pod CIDR (spec.podCIDR)"
@@ -764,6 +772,11 @@ class KubernetesStore(Store):
         if self._api is not None:
             self._api.close()  # type: ignore[no-untyped-call]
             self._api = None
+
+
+def _holds(node: _Node, lease: Lease) -> bool:
+    """True when every subnet of *lease* (one per family) is still a pod CIDR of *node*."""
+    return bool(node.cidrs) and all(lease.subnet_of(v) in (node.v4, node.v6) for v in lease.families)
 
 
 def _subnet(lease: Lease) -> IPv4Network | IPv6Network:

@@ -51,7 +51,8 @@ def test_help_lists_commands_and_plugin_flags() -> None:
         (("network", "init"), "needs --network"),
         (("network", "show"), "has no network config"),
         (("reserve", "10.244.3.7/24", "192.0.2.1"), "is not a subnet"),
-        (("reserve", "10.244.3.0/24", "nope"), "is not an IPv4 address"),
+        (("reserve", "10.244.3.0/24", "nope"), "is not an IP address"),
+        (("reserve", "fd00:1:0:3::/64", "192.0.2.1"), "is not an IPv6 address like SUBNET"),
         (("--embedded-history", "many", "leases"), "'many' is not a valid integer"),
         (("--log-level", "loud", "leases"), "--log-level"),
         (("frobnicate",), "No such command"),
@@ -416,3 +417,56 @@ def test_demo_module_does_not_import_test_code() -> None:
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert result.stdout.strip() == "OK", result.stderr
+
+
+def test_dual_stack_leases_reserve_and_release(db: Path, tmp_path: Path) -> None:
+    import overlayd
+    from overlayd.testing.store_contract import dual_attrs_for
+
+    conf = tmp_path / "net.json"
+    conf.write_text('{"Network": "10.244.0.0/16", "EnableIPv6": true, "IPv6Network": "fd00:44::/48"}')
+    assert run("network", "init", "--from-json", str(conf), path=db).returncode == 0
+    store = overlayd.open_store("embedded", path=str(db))
+    config = overlayd.read_network_config(store)
+    assert config is not None
+    lease = store.acquire_lease(config, dual_attrs_for("192.0.2.5", "2001:db8::5"))
+    store.close()
+    assert run("reserve", "fd00:44:0:9::/64", "2001:db8::9", path=db).returncode == 0
+    assert_user_error(run("reserve", "fd00:99:0:9::/64", "2001:db8::9", path=db), "not a /64 subnet between")
+    table = run("leases", path=db).stdout.splitlines()
+    assert table[0].split()[:3] == ["SUBNET", "PUBLIC", "IP"]
+    rows = [line.split()[:2] for line in table[1:]]
+    assert rows[0] == [str(lease.subnet), "192.0.2.5"]  # IPv4 first, then IPv6 by address
+    assert sorted(rows[1:]) == sorted([[str(lease.ipv6_subnet), "2001:db8::5"], ["fd00:44:0:9::/64", "2001:db8::9"]])
+    doc = json.loads(run("leases", "--json", path=db).stdout)["leases"]
+    v6 = next(x for x in doc if x["ipv6_subnet"] == str(lease.ipv6_subnet))
+    assert v6["public_ipv6"] == "2001:db8::5" and v6["backend_v6_data"]["VNI"] == 1
+    result = run("release", str(lease.ipv6_subnet), path=db)
+    assert result.returncode == 0 and "was 2001:db8::5" in result.stdout
+    left = {x["subnet"] or x["ipv6_subnet"] for x in json.loads(run("leases", "--json", path=db).stdout)["leases"]}
+    assert left == {str(lease.subnet), "fd00:44:0:9::/64"}
+    assert run("unreserve", "fd00:44:0:9::/64", path=db).returncode == 0
+
+
+@pytest.mark.parametrize(
+    ("value", "fragment"),
+    [
+        ("fe80::1", "--public-ipv6 fe80::1 is an IPv6 link-local address"),
+        ("10.0.0.1", "--public-ipv6 '10.0.0.1' is not an IPv6"),
+    ],
+)
+def test_bad_public_ipv6_is_one_line(db: Path, tmp_path: Path, value: str, fragment: str) -> None:
+    args = ["--iface", "lo", "--public-ipv6", value, "--subnet-file", str(tmp_path / "subnet.env"), "run"]
+    assert_user_error(run(*args, path=db), fragment)
+    assert not db.exists() or json.loads(run("leases", "--json", path=db).stdout)["leases"] == []
+
+
+def test_ipv6_on_without_an_ipv6_address_is_one_line(db: Path, tmp_path: Path) -> None:
+    conf = tmp_path / "net.json"
+    conf.write_text(
+        '{"Network": "10.244.0.0/16", "EnableIPv6": true, "IPv6Network": "fd00:44::/48", "Backend": {"Type": "alloc"}}'
+    )
+    assert run("network", "init", "--from-json", str(conf), path=db).returncode == 0
+    args = ["--iface", "lo", "--public-ip", "192.0.2.1", "--subnet-file", str(tmp_path / "subnet.env"), "run"]
+    assert_user_error(run(*args, path=db), "interface lo has no global IPv6 address; pass --public-ipv6")
+    assert json.loads(run("leases", "--json", path=db).stdout)["leases"] == []

@@ -121,6 +121,62 @@ def test_dual_stack_gets_a_range_and_a_route_per_family() -> None:
     ]
 
 
+# The subnet files the daemon writes for a dual-stack and an IPv6-only network (V6DESIGN: the first
+# address of each subnet, like the IPv4 line; IPv6-only has no FLANNEL_NETWORK/FLANNEL_SUBNET).
+V6_LINES = "FLANNEL_IPV6_NETWORK=fd00::/48\nFLANNEL_IPV6_SUBNET=fd00:0:0:1::1/64\n"
+DUAL_STACK_ENV = "FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET=10.244.1.1/24\n" + V6_LINES + "FLANNEL_MTU=1430\n"
+IPV6_ONLY_ENV = V6_LINES + "FLANNEL_MTU=1430\nFLANNEL_IPMASQ=false\n"
+
+
+def test_dual_stack_subnet_file_gives_two_host_local_ranges_and_both_routes() -> None:
+    generated = cni.delegate_config(conf(), parse_subnet_file(DUAL_STACK_ENV), "1.0.0")
+    assert generated["ipam"] == {
+        "type": "host-local",
+        "ranges": [[{"subnet": "10.244.1.0/24"}], [{"subnet": "fd00:0:0:1::/64"}]],
+        "routes": [{"dst": "10.244.0.0/16", "gw": "10.244.1.1"}, {"dst": "fd00::/48", "gw": "fd00:0:0:1::1"}],
+    }
+    assert generated["mtu"] == 1430 and generated["ipMasq"] is True and generated["isGateway"] is True
+
+
+def test_ipv6_only_subnet_file_gives_one_ipv6_range() -> None:
+    generated = cni.delegate_config(conf(), parse_subnet_file(IPV6_ONLY_ENV), "1.0.0")
+    assert generated["ipam"]["ranges"] == [[{"subnet": "fd00:0:0:1::/64"}]]
+    assert generated["ipam"]["routes"] == [{"dst": "fd00::/48", "gw": "fd00:0:0:1::1"}]
+    assert (generated["type"], generated["bridge"], generated["mtu"]) == ("bridge", "cni0", 1430)
+
+
+def test_top_level_ipam_is_the_base_as_in_flannel() -> None:
+    """flannel's conf: a top-level ``ipam`` keeps its keys, its routes come first, ranges are the lease's."""
+    user = {"dataDir": "/var/lib/pods", "routes": [{"dst": "::/0"}], "ranges": [[{"subnet": "192.168.0.0/24"}]]}
+    generated = cni.delegate_config(conf(ipam=user), parse_subnet_file(DUAL_STACK_ENV), "1.0.0")
+    ipam = generated["ipam"]
+    assert ipam["type"] == "host-local" and ipam["dataDir"] == "/var/lib/pods"
+    assert ipam["ranges"] == [[{"subnet": "10.244.1.0/24"}], [{"subnet": "fd00:0:0:1::/64"}]]
+    assert ipam["routes"][0] == {"dst": "::/0"} and len(ipam["routes"]) == 3
+    assert (
+        cni.delegate_config(conf(ipam={"type": "whereabouts"}), parse_subnet_file(SUBNET_ENV), "1.0.0")["ipam"]["type"]
+        == "whereabouts"
+    )
+
+
+@pytest.mark.parametrize("ipam", [[], {"routes": {}}, {"routes": [{"dst": "nowhere"}]}, {"routes": ["::/0"]}])
+def test_a_bad_top_level_ipam_is_code_7(ipam: Any) -> None:
+    doc = {"cniVersion": "1.0.0", "name": "overlay", "type": "overlayd-cni", "ipam": ipam}
+    with pytest.raises(cni.CniError) as caught:
+        cni.parse_config(json.dumps(doc).encode())
+    assert caught.value.code == cni.INVALID_CONFIG and "ipam" in caught.value.details
+
+
+def test_a_moved_ipv6_subnet_is_noticed_even_when_ipv4_stayed() -> None:
+    saved = cni.delegate_config(conf(), parse_subnet_file(DUAL_STACK_ENV), "1.0.0")
+    assert cni.lease_mismatch(saved, parse_subnet_file(DUAL_STACK_ENV)) is None
+    moved6 = parse_subnet_file(DUAL_STACK_ENV.replace("fd00:0:0:1::1/64", "fd00:0:0:9::1/64"))
+    assert "fd00:0:0:1::/64" in (cni.lease_mismatch(saved, moved6) or "")
+    only6 = cni.delegate_config(conf(), parse_subnet_file(IPV6_ONLY_ENV), "1.0.0")
+    assert cni.lease_mismatch(only6, parse_subnet_file(IPV6_ONLY_ENV)) is None
+    assert cni.lease_mismatch(only6, parse_subnet_file(SUBNET_ENV)) is not None
+
+
 def test_delegate_is_merged_key_by_key_but_name_and_version_are_the_runtimes() -> None:
     delegate = {
         "bridge": "br-pods",

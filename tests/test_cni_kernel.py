@@ -14,12 +14,13 @@ import os
 import subprocess
 import sys
 from collections.abc import Callable
-from ipaddress import ip_interface, ip_network
+from ipaddress import ip_address, ip_interface, ip_network
 from pathlib import Path
 from typing import Any
 
 import jsonschema
 import pytest
+from overlayd._lab.netns import wait_until
 from overlayd.testing.netns import RUN_PREFIX, ip_json, netns, netns_factory
 
 __all__ = ["netns", "netns_factory"]  # the fixtures, imported for pytest
@@ -85,7 +86,15 @@ class Node:
         folder = self.ipam / "overlay"
         if not folder.is_dir():
             return set()
-        return {p.name for p in folder.iterdir() if p.name[0].isdigit()}
+        return {p.name for p in folder.iterdir() if _is_address(p.name)}
+
+
+def _is_address(name: str) -> bool:
+    try:
+        ip_address(name)
+    except ValueError:
+        return False
+    return True
 
 
 @pytest.fixture
@@ -199,3 +208,92 @@ def test_the_example_conflist_chains_portmap(node: Node, netns_factory: Callable
     assert node.call("DEL", {**chained}, pod, "web", exe=f"{CNI_PATH}/portmap") == (0, None)
     assert node.call("DEL", {**ours, "prevResult": result}, pod, "web") == (0, None)
     assert node.reserved() == set()
+
+
+# -- both families (hand-made subnet files with the daemon's IPv6 lines) ----------------------------
+
+V6_LINES = "FLANNEL_IPV6_NETWORK=fd00::/48\nFLANNEL_IPV6_SUBNET=fd00:0:0:1::1/64\n"
+DUAL_STACK_ENV = "FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET=10.244.1.1/24\n" + V6_LINES
+FAMILY_ENVS = {
+    "dual-stack": DUAL_STACK_ENV + "FLANNEL_MTU=1430\nFLANNEL_IPMASQ=true\n",
+    "ipv6-only": V6_LINES + "FLANNEL_MTU=1430\nFLANNEL_IPMASQ=true\n",
+}
+
+
+def pod_addresses(pod: str, ifname: str = "eth0") -> dict[str, list[str]]:
+    """The pod interface's global addresses per family ("inet", "inet6"), read from the kernel."""
+    [link] = ip_json(pod, "addr", "show", "dev", ifname)
+    found: dict[str, list[str]] = {"inet": [], "inet6": []}
+    for a in link["addr_info"]:
+        if a.get("scope") == "global":
+            found[a["family"]].append(f"{a['local']}/{a['prefixlen']}")
+    return found
+
+
+@pytest.mark.parametrize("mode", sorted(FAMILY_ENVS))
+def test_a_pod_gets_an_address_and_routes_of_each_family(
+    node: Node, netns_factory: Callable[..., str], mode: str
+) -> None:
+    """Real bridge + host-local with the two ranges (or the one IPv6 range): the pod holds an
+    address of each family in the host's subnets, a route to each whole network, and with
+    ``isDefaultGateway`` (the example conflist's delegate) an IPv6 default route via cni's ::1."""
+    node.subnet_file.write_text(FAMILY_ENVS[mode])
+    pod = netns_factory("p")
+    conf = node.network()
+    conf["delegate"]["isDefaultGateway"] = True
+    code, result = node.call("ADD", conf, pod, "pod6")
+    assert code == 0 and result is not None, result
+    validate(result, "1.0.0")
+
+    # The kernel, read back independently of the result.
+    addresses = pod_addresses(pod)
+    [v6] = addresses["inet6"]
+    assert (
+        ip_interface(v6).network == ip_network("fd00:0:0:1::/64")
+        and ip_interface(v6).ip != ip_interface("fd00:0:0:1::1/64").ip
+    )
+    if mode == "dual-stack":
+        [v4] = addresses["inet"]
+        assert ip_interface(v4).network == ip_network("10.244.1.0/24")
+    else:
+        assert addresses["inet"] == []
+    routes6 = {r["dst"]: r for r in ip_json(pod, "-6", "route", "show")}
+    assert routes6["default"]["gateway"] == "fd00:0:0:1::1", routes6
+    assert routes6["fd00::/48"]["gateway"] == "fd00:0:0:1::1", routes6
+    routes4 = {r["dst"]: r for r in ip_json(pod, "-4", "route", "show")}
+    if mode == "dual-stack":
+        assert routes4["default"]["gateway"] == "10.244.1.1" and "10.244.0.0/16" in routes4, routes4
+    else:
+        assert routes4 == {}
+    [bridge] = ip_json(node.ns, "addr", "show", "dev", node.bridge)
+    bridge_addresses = {a["local"] for a in bridge["addr_info"]}
+    assert "fd00:0:0:1::1" in bridge_addresses
+    assert ("10.244.1.1" in bridge_addresses) == (mode == "dual-stack")
+    assert {ip_interface(ip["address"]) for ip in result["ips"]} == {
+        ip_interface(a) for a in addresses["inet"] + addresses["inet6"]
+    }
+    saved = json.loads((node.state / "pod6@eth0").read_text())
+    ranges = [[{"subnet": "fd00:0:0:1::/64"}]]
+    assert saved["delegate"]["ipam"]["ranges"] == (
+        [[{"subnet": "10.244.1.0/24"}], *ranges] if mode == "dual-stack" else ranges
+    )
+    assert node.reserved() == {str(ip_interface(a).ip) for a in addresses["inet"] + addresses["inet6"]}
+
+    # The pod reaches its gateway over IPv6, once the links' link-local addresses have passed
+    # duplicate address detection (until then the first packets are dropped, as on any new link).
+    def settled() -> bool:
+        return not any(ip_json(ns, "-6", "addr", "show", "tentative") for ns in (pod, node.ns))
+
+    wait_until(settled, 10, interval=0.1, what="IPv6 DAD on the pod's links")
+    ping = subprocess.run(
+        ["ip", "netns", "exec", pod, "ping", "-6", "-n", "-c", "1", "-W", "2", "fd00:0:0:1::1"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert ping.returncode == 0, ping.stdout + ping.stderr
+
+    assert node.call("CHECK", {**conf, "prevResult": result}, pod, "pod6") == (0, None)
+    assert node.call("DEL", {**conf, "prevResult": result}, pod, "pod6") == (0, None)
+    assert node.reserved() == set()
+    assert "eth0" not in {link["ifname"] for link in ip_json(pod, "link", "show")}

@@ -4,7 +4,7 @@ in a fresh network namespace with two veth links and a default route."""
 from __future__ import annotations
 
 from collections.abc import Callable
-from ipaddress import IPv4Address
+from ipaddress import IPv4Address, IPv6Address
 
 import pytest
 from overlayd.errors import UserError
@@ -71,3 +71,26 @@ def test_public_ip_overrides_the_advertised_address(host: str) -> None:
 def test_no_default_route_is_a_clear_error(netns: str) -> None:
     with pytest.raises(UserError, match="no interface with a default route; pass --iface"):
         choose(netns)
+
+
+# -- IPv6 ------------------------------------------------------------------------------------
+
+
+def test_the_interfaces_global_ipv6_address_is_picked(host: str) -> None:
+    run(host, "ip", "-6", "addr", "add", "2001:db8:1::1/64", "dev", "eth1", "nodad")
+    with in_netns(host):
+        info = select_host(ifaces=("eth1",))
+        assert (info.public_ip, info.public_ipv6) == (IPv4Address("198.51.100.1"), IPv6Address("2001:db8:1::1"))
+        # eth0 has only its link-local fe80:: address: no public IPv6 (the daemon asks for --public-ipv6)
+        assert select_host(ifaces=("eth0",)).public_ipv6 is None
+        assert select_host(ifaces=("eth0",), public_ipv6="2001:db8:9::9").public_ipv6 == IPv6Address("2001:db8:9::9")
+        assert select_host(ifaces=("2001:db8:1::1",)).iface == "eth1"  # --iface takes an IPv6 address too
+        assert select_host(regexes=(r"2001:db8:1::.*",)).iface == "eth1"
+
+
+def test_an_ipv6_only_interface_is_usable(netns_factory: Callable[..., str]) -> None:
+    ns, far = netns_factory("h6"), netns_factory("f6")
+    veth(ns, "eth0", far, "e0", "2001:db8:2::1/64", "2001:db8:2::fe/64")
+    with in_netns(ns):
+        info = select_host(ifaces=("eth0",))
+    assert (info.public_ip, info.public_ipv6) == (None, IPv6Address("2001:db8:2::1"))

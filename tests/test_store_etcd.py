@@ -15,7 +15,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
-from ipaddress import IPv4Address, IPv4Network, IPv6Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from pathlib import Path
 from typing import Any
 
@@ -471,7 +471,8 @@ def test_ipv6_leases_live_under_v6_subnets(etcd: EtcdServer, prefix: str) -> Non
     try:
         since = store.list_leases().revision
         subnet = IPv6Network("fd00:10:244:3::/64")
-        lease = store.create_lease(Lease(None, attrs_for("192.0.2.1"), None, ipv6_subnet=subnet))
+        host = attrs.evolve(attrs_for("192.0.2.1"), public_ipv6=IPv6Address("2001:db8::1"))
+        lease = store.create_lease(Lease(None, host, None, ipv6_subnet=subnet))
         assert lease is not None and lease.expiration is not None
         assert etcd.etcdctl("get", f"{prefix}/v6-subnets/fd00:10:244:3::-64", "--keys-only").strip()
         [listed] = store.list_leases().leases

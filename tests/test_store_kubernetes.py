@@ -21,10 +21,11 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Network
 from pathlib import Path
 from typing import Any
 
+import attrs
 import pytest
 from overlayd import open_store
 from overlayd.config import NetworkConfig
@@ -33,7 +34,7 @@ from overlayd.model import EventKind, LeaseAttrs, LeaseEvent, LeaseList
 from overlayd.plugin import Store
 from overlayd.testing import StoreContract, StoreSpec
 from overlayd.testing.kube_apiserver import ApiError, FakeApiServer, kubeconfig_for, request
-from overlayd.testing.store_contract import NETWORK, attrs_for
+from overlayd.testing.store_contract import DUAL, NETWORK, attrs_for, dual_attrs_for
 
 kubernetes = pytest.importorskip("kubernetes")
 
@@ -219,6 +220,19 @@ class TestKubernetesContract(StoreContract):
     # A Node is this host's by name: there is no other host's lease under our key.
     test_delete_never_removes_another_hosts_lease = None
     test_update_never_overwrites_another_hosts_lease = None
+    # One Node is one merged lease of both families (no key per family, nothing to exhaust);
+    # replaced by test_dual_stack_node_is_one_merged_lease and the test after it.
+    test_dual_stack_lease_is_one_key_per_family_with_the_same_attrs = None
+    test_dual_stack_renew_and_release_act_on_both_keys = None
+    test_a_lost_ipv6_key_raises_lease_lost = None
+    test_ipv6_key_owner_is_the_public_ipv6 = None
+    test_ipv6_only_lease = None
+    test_ipv6_exhaustion_is_reported = None
+    # No reservations and no TTLs; replaced by test_another_node_never_changes_or_removes_our_lease.
+    test_release_never_removes_another_hosts_lease = None
+    test_a_reservation_survives_every_path_but_unreserve = None
+    test_a_lease_turned_into_a_reservation_survives_its_hosts_release = None
+    test_racing_hosts_never_take_a_lease_or_a_reservation = None
     # Replaced below by their Kubernetes forms.
     test_acquire_lists_lease_with_flannel_attrs = None
     test_watch_sees_add_and_remove_quickly = None
@@ -242,6 +256,60 @@ class TestKubernetesContract(StoreContract):
         other = IPv4Network("10.244.251.0/24")
         with pytest.raises(LeaseLost, match="no longer the pod CIDR of Node n1"):
             store.update_lease(mine.__class__(other, mine.attrs, None), attrs_for("192.0.2.1"))
+
+    def test_dual_stack_node_is_one_merged_lease(
+        self, store_spec: StoreSpec, other_store: Store, server: FakeApiServer
+    ) -> None:
+        dual = node("d1")
+        dual["spec"] = {"podCIDR": "10.244.2.0/24", "podCIDRs": ["10.244.2.0/24", "fd00:10:244:2::/64"]}
+        server.state.create(dual)
+        store = open_store("kubernetes", **{**store_spec.options, "node_name": "d1"})
+        try:
+            host = dual_attrs_for("192.0.2.1", "2001:db8::1")
+            lease = store.acquire_lease(DUAL, host)
+            assert (lease.subnet, lease.ipv6_subnet) == (
+                IPv4Network("10.244.2.0/24"),
+                IPv6Network("fd00:10:244:2::/64"),
+            )
+            assert lease.attrs == host
+            notes = server.state.get("d1")["metadata"]["annotations"]
+            assert notes[f"{PREFIX}/public-ipv6"] == "2001:db8::1"
+            assert json.loads(notes[f"{PREFIX}/backend-v6-data"]) == dict(host.backend_v6_data or {})
+            [listed] = [x for x in other_store.list_leases().leases if x.subnet == lease.subnet]
+            assert (listed.families, listed.ipv6_subnet, listed.attrs) == ((4, 6), lease.ipv6_subnet, host)
+            assert store.renew_lease(lease) == lease
+            foreign = attrs.evolve(lease, ipv6_subnet=IPv6Network("fd00:10:244:9::/64"))
+            with pytest.raises(LeaseLost, match="no longer the pod CIDR of Node d1"):
+                store.renew_lease(foreign)
+        finally:
+            store.close()
+
+    def test_a_family_the_node_lacks_is_a_config_error(self, store: Store) -> None:
+        with pytest.raises(ConfigError, match="node n1 has no IPv6 pod CIDR but the net-conf"):
+            store.acquire_lease(DUAL, dual_attrs_for("192.0.2.1", "2001:db8::1"))
+
+    def test_another_node_never_changes_or_removes_our_lease(
+        self, store: Store, kubeconfig: Path, tmp_path: Path, server: FakeApiServer
+    ) -> None:
+        """The Kubernetes form of "never delete or overwrite a lease we do not own": n2's client
+        tries every path on n1's lease; n1's Node is unchanged."""
+        server.state.create(node("n2", "10.244.2.0/24"))
+        mine = store.acquire_lease(NETWORK, attrs_for("192.0.2.1"))
+        before = json.dumps(server.state.get("n1"), sort_keys=True)
+        other = open_kube(kubeconfig, tmp_path, name="n2")
+        try:
+            theirs = attrs_for("192.0.2.2", mac="aa:bb:cc:dd:ee:02")
+            with pytest.raises(LeaseLost):
+                other.update_lease(mine, theirs)
+            with pytest.raises(LeaseLost):
+                other.renew_lease(mine)
+            other.release_lease(mine)
+            with pytest.raises(UserError, match="delete the Node"):
+                other.delete_lease(mine)
+            assert other.acquire_lease(NETWORK, theirs).subnet == IPv4Network("10.244.2.0/24")
+        finally:
+            other.close()
+        assert json.dumps(server.state.get("n1"), sort_keys=True) == before
 
     def test_reservations_and_release_are_refused(self, store: Store) -> None:
         with pytest.raises(UserError, match="reservations are not supported by the kubernetes store"):

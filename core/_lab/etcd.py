@@ -266,13 +266,9 @@ class EtcdServer:
             "--log-outputs=stderr",
         ]
         if self.tls:
-            args += [
-                f"--cert-file={self.tls.server_cert}",
-                f"--key-file={self.tls.server_key}",
-                f"--trusted-ca-file={self.tls.ca}",
-            ]
-            if self.client_cert_auth:
-                args.append("--client-cert-auth")
+            args += [f"--cert-file={self.tls.server_cert}", f"--key-file={self.tls.server_key}"]
+            if self.client_cert_auth:  # etcd 3.4 asks every client for a certificate once it has a CA
+                args += [f"--trusted-ca-file={self.tls.ca}", "--client-cert-auth"]
         return args + self.extra_args
 
     def launch(self) -> None:

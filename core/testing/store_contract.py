@@ -25,7 +25,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from typing import Any
 
 import attrs
@@ -42,6 +42,16 @@ DEEP_JSON = "[" * 1100 + "]" * 1100
 
 NETWORK = NetworkConfig.from_dict({"Network": "10.244.0.0/16", "Backend": {"Type": "vxlan"}})
 SMALL = NetworkConfig.from_dict({"Network": "10.250.0.0/24", "SubnetLen": 28})
+DUAL = NetworkConfig.from_dict(
+    {"Network": "10.244.0.0/16", "EnableIPv6": True, "IPv6Network": "fd00:10:244::/48", "Backend": {"Type": "vxlan"}}
+)
+V6_ONLY = NetworkConfig.from_dict(
+    {"EnableIPv4": False, "EnableIPv6": True, "IPv6Network": "fd00:20::/48", "Backend": {"Type": "vxlan"}}
+)
+#: 15 leasable /124s: small enough to exhaust, in a family where enumerating a real range is not an option.
+SMALL_V6 = NetworkConfig.from_dict(
+    {"EnableIPv4": False, "EnableIPv6": True, "IPv6Network": "fd00:30::/120", "IPv6SubnetLen": 124}
+)
 
 
 @attrs.frozen
@@ -58,6 +68,17 @@ class StoreSpec:
 
 def attrs_for(ip: str, mac: str = "aa:bb:cc:dd:ee:01") -> LeaseAttrs:
     return LeaseAttrs(public_ip=IPv4Address(ip), backend_type="vxlan", backend_data={"VNI": 1, "VtepMAC": mac})
+
+
+def dual_attrs_for(ip: str | None, ip6: str, mac: str = "aa:bb:cc:dd:ee:01") -> LeaseAttrs:
+    """A dual-stack (or, with *ip* None, IPv6-only) host's attrs, as flannel writes them."""
+    return LeaseAttrs(
+        public_ip=IPv4Address(ip) if ip else None,
+        public_ipv6=IPv6Address(ip6),
+        backend_type="vxlan",
+        backend_data={"VNI": 1, "VtepMAC": mac} if ip else {},
+        backend_v6_data={"VNI": 1, "VtepMAC": mac.replace("aa:", "ae:", 1)},
+    )
 
 
 def _race_worker(name: str, options: dict[str, Any], first_ip: int, count: int, out: Any) -> None:
@@ -324,6 +345,151 @@ class StoreContract:
         assert listed[second.subnet].created_revision == second.created_revision
         reserved = store.reserve(IPv4Network("10.244.254.0/24"), IPv4Address("192.0.2.9"))
         assert reserved.created_revision == reserved.revision > 0
+
+    # -- dual-stack and IPv6-only ------------------------------------------------------------
+
+    def test_dual_stack_lease_is_one_key_per_family_with_the_same_attrs(self, store: Store, other_store: Store) -> None:
+        host = dual_attrs_for("192.0.2.1", "2001:db8::1")
+        lease = store.acquire_lease(DUAL, host)
+        assert lease.families == (4, 6) and lease.attrs == host
+        assert lease.subnet is not None and DUAL.contains_of(4, lease.subnet)
+        assert lease.ipv6_subnet is not None and DUAL.contains_of(6, lease.ipv6_subnet)
+        listed = sorted(other_store.list_leases().leases, key=lambda x: x.families)
+        assert [(x.families, x.subnet_of(x.families[0]), x.attrs) for x in listed] == [
+            ((4,), lease.subnet, host),
+            ((6,), lease.ipv6_subnet, host),
+        ]
+        again = other_store.acquire_lease(DUAL, host)
+        assert (again.subnet, again.ipv6_subnet) == (lease.subnet, lease.ipv6_subnet)
+        other = store.acquire_lease(DUAL, dual_attrs_for("192.0.2.2", "2001:db8::2", mac="aa:bb:cc:dd:ee:02"))
+        assert other.subnet != lease.subnet and other.ipv6_subnet != lease.ipv6_subnet
+
+    def test_dual_stack_renew_and_release_act_on_both_keys(self, store: Store, store_spec: StoreSpec) -> None:
+        lease = store.acquire_lease(DUAL, dual_attrs_for("192.0.2.1", "2001:db8::1"))
+        before = {x.key: x.revision for x in store.list_leases().leases}
+        renewed = store.renew_lease(lease)
+        assert (renewed.subnet, renewed.ipv6_subnet) == (lease.subnet, lease.ipv6_subnet)
+        after = {x.key: x.revision for x in store.list_leases().leases}
+        assert set(after) == set(lease.keys) and all(after[k] > before[k] for k in after)
+        if store_spec.supports_ttl:
+            assert renewed.expiration is not None and lease.expiration is not None
+            assert renewed.expiration >= lease.expiration
+        store.release_lease(renewed)
+        assert store.list_leases().leases == ()
+        with pytest.raises(LeaseLost):
+            store.renew_lease(renewed)
+
+    def test_a_lost_ipv6_key_raises_lease_lost(self, store: Store, other_store: Store) -> None:
+        lease = store.acquire_lease(DUAL, dual_attrs_for("192.0.2.1", "2001:db8::1"))
+        other_store.delete_lease(lease.only(6))
+        assert [x.key for x in store.list_leases().leases] == [lease.only(4).key]
+        with pytest.raises(LeaseLost, match="no longer exists"):
+            store.renew_lease(lease)
+        again = store.acquire_lease(DUAL, lease.attrs, prefer=[s for s in (lease.subnet, lease.ipv6_subnet) if s])
+        assert (again.subnet, again.ipv6_subnet) == (lease.subnet, lease.ipv6_subnet)
+
+    def test_ipv6_key_owner_is_the_public_ipv6(self, store: Store, other_store: Store) -> None:
+        mine = store.acquire_lease(V6_ONLY, dual_attrs_for(None, "2001:db8::1"))
+        theirs = dual_attrs_for(None, "2001:db8::2")
+        with pytest.raises(LeaseLost, match=r"belongs to 2001:db8::1"):
+            other_store.update_lease(attrs.evolve(mine, attrs=theirs), theirs)
+        other_store.delete_lease(attrs.evolve(mine, attrs=theirs))
+        assert [x.ipv6_subnet for x in store.list_leases().leases] == [mine.ipv6_subnet]
+
+    def test_ipv6_only_lease(self, store: Store, other_store: Store) -> None:
+        attrs_ = dual_attrs_for(None, "2001:db8::1")
+        lease = store.acquire_lease(V6_ONLY, attrs_)
+        assert lease.families == (6,) and lease.subnet is None and lease.attrs.public_ip is None
+        assert lease.ipv6_subnet is not None and V6_ONLY.contains_of(6, lease.ipv6_subnet)
+        [listed] = other_store.list_leases().leases
+        assert (listed.families, listed.ipv6_subnet, listed.attrs) == ((6,), lease.ipv6_subnet, attrs_)
+        wanted = IPv6Network("fd00:20:0:77::/64")
+        other = store.acquire_lease(V6_ONLY, dual_attrs_for(None, "2001:db8::2"), prefer=[wanted])
+        assert other.ipv6_subnet == wanted
+        store.renew_lease(lease)
+        store.release_lease(lease)
+        assert [x.ipv6_subnet for x in store.list_leases().leases] == [wanted]
+
+    def test_ipv6_exhaustion_is_reported(self, store: Store) -> None:
+        got = {
+            store.acquire_lease(SMALL_V6, dual_attrs_for(None, f"2001:db8::{i + 1:x}")).ipv6_subnet for i in range(15)
+        }
+        assert len(got) == 15
+        with pytest.raises(SubnetExhausted, match=r"IPv6 network fd00:30::/120 is exhausted: all 15 /124"):
+            store.acquire_lease(SMALL_V6, dual_attrs_for(None, "2001:db8::ff"))
+
+    def test_release_never_removes_another_hosts_lease(self, store: Store, other_store: Store) -> None:
+        mine = store.acquire_lease(NETWORK, attrs_for("192.0.2.1"))
+        assert mine.subnet is not None
+        # another host's stale view of the subnet, live lease and reservation alike
+        other_store.release_lease(attrs.evolve(mine, attrs=attrs_for("192.0.2.2")))
+        other_store.release_lease(Lease(mine.subnet, attrs_for("192.0.2.2"), None))
+        [only] = store.list_leases().leases
+        assert only.attrs == mine.attrs and only.revision == mine.revision
+
+    def test_a_reservation_survives_every_path_but_unreserve(self, store: Store, other_store: Store) -> None:
+        subnet = IPv4Network("10.250.0.48/28")
+        owner = IPv4Address("192.0.2.50")
+        reserved = store.reserve(subnet, owner)
+        as_lease = Lease(subnet, attrs_for(str(owner)), None)  # a stale, non-reservation view of it
+        other = attrs_for("192.0.2.51")
+        other_store.release_lease(Lease(subnet, other, None))
+        other_store.delete_lease(Lease(subnet, other, None))
+        with pytest.raises(LeaseLost):
+            other_store.update_lease(Lease(subnet, other, None), other)
+        with pytest.raises(UserError, match=r"leased by 192\.0\.2\.50"):
+            other_store.reserve(subnet, IPv4Address("192.0.2.51"))
+        assert other_store.create_lease(Lease(subnet, other, None)) is None
+        assert other_store.acquire_lease(SMALL, other, prefer=[subnet]).subnet != subnet
+        store.release_lease(reserved)  # the owner's own release keeps a reservation
+        store.release_lease(as_lease)  # ... even through a view that predates the reservation
+        store.delete_lease(as_lease)
+        renewed = store.acquire_lease(SMALL, attrs_for(str(owner), mac="aa:bb:cc:dd:ee:02"))
+        assert renewed.subnet == subnet and renewed.is_reservation
+        assert store.renew_lease(renewed).is_reservation
+        [kept] = [x for x in other_store.list_leases().leases if x.subnet == subnet]
+        assert kept.is_reservation and kept.attrs.public_ip == owner
+
+    def test_a_lease_turned_into_a_reservation_survives_its_hosts_release(
+        self, store: Store, other_store: Store
+    ) -> None:
+        """``overlayd reserve SUBNET IP`` on a running host's lease, then that host stops with
+        ``--release-on-exit`` holding the lease as it was before: the reservation stays."""
+        lease = store.acquire_lease(NETWORK, attrs_for("192.0.2.1"))
+        assert lease.subnet is not None and not lease.is_reservation
+        other_store.reserve(lease.subnet, IPv4Address("192.0.2.1"))
+        store.release_lease(lease)
+        [kept] = other_store.list_leases().leases
+        assert kept.subnet == lease.subnet and kept.is_reservation
+
+    def test_racing_hosts_never_take_a_lease_or_a_reservation(self, store: Store, store_spec: StoreSpec) -> None:
+        reserved = store.reserve(IPv4Network("10.250.0.16/28"), IPv4Address("192.0.2.50"))
+        held = store.acquire_lease(SMALL, attrs_for("192.0.2.1"))
+        got: list[IPv4Network | None] = []
+        failures: list[Exception] = []
+
+        def host(i: int) -> None:
+            client = open_store(store_spec.name, **store_spec.options)
+            try:
+                wanted = [x for x in (reserved.subnet, held.subnet) if x is not None]
+                got.append(client.acquire_lease(SMALL, attrs_for(f"198.51.100.{i}"), prefer=wanted).subnet)
+            except SubnetExhausted:
+                pass
+            except Exception as exc:  # reported below
+                failures.append(exc)
+            finally:
+                client.close()
+
+        threads = [threading.Thread(target=host, args=(i,)) for i in range(1, 17)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(120)
+        assert not failures, failures
+        assert reserved.subnet not in got and held.subnet not in got and len(got) == len(set(got)) == 13
+        listed = {x.subnet: x for x in store.list_leases().leases}
+        assert listed[reserved.subnet].is_reservation and listed[reserved.subnet].attrs == reserved.attrs
+        assert listed[held.subnet].attrs == held.attrs
 
     # -- watching ------------------------------------------------------------------------------
 

@@ -162,3 +162,49 @@ def test_demo_refuses_more_hosts_than_the_neighbour_table_holds():
     assert set(topo.list_netns()) == before
     assert demo.check_scale(too_many - 1, size) is None
     assert demo.check_scale(50, 1024) is not None and demo.max_hosts_for(1024) < 50
+
+
+def test_demo_ipv6_config_and_lease_rows_of_both_families(tmp_path):
+    """--ipv6 writes flannel's dual-stack config; the lease table shows a row per family, the
+    IPv6 row with the host's IPv6 address and the BackendV6Data VTEP MAC; a subnet file without
+    the IPv6 pair is a failure that names it."""
+    from overlayd import demo
+
+    assert demo.network_config("10.244.0.0/16", "vxlan", False) == {
+        "Network": "10.244.0.0/16",
+        "Backend": {"Type": "vxlan"},
+    }
+    assert demo.network_config("10.244.0.0/16", "host-gw", True) == {
+        "Network": "10.244.0.0/16",
+        "Backend": {"Type": "host-gw"},
+        "EnableIPv6": True,
+        "IPv6Network": "fd00::/48",
+        "IPv6SubnetLen": 64,
+    }
+    cluster = topo.Cluster(1, ipv6=True, workdir=tmp_path)  # never built: only its hosts' addresses are read
+    rows = [
+        {"subnet": "10.244.5.0/24", "public_ip": "192.0.2.10", "backend_type": "vxlan",
+         "backend_data": {"VtepMAC": "aa:aa:aa:aa:aa:01"}, "expiration": None},
+        {"subnet": None, "ipv6_subnet": "fd00:0:0:5::/64", "public_ip": "192.0.2.10",
+         "public_ipv6": "2001:db8:0:1::a", "backend_type": "vxlan", "backend_data": {"VtepMAC": "aa:aa:aa:aa:aa:01"},
+         "backend_v6_data": {"VtepMAC": "aa:aa:aa:aa:aa:06"}, "expiration": None},
+    ]  # fmt: skip
+    host = topo.Host(
+        cluster=cluster,
+        index=0,
+        ns="unused",
+        underlay_if="unused",
+        switch_port="unused",
+        underlay=topo.IPv4Interface("192.0.2.10/24"),
+        workdir=cluster.workdir,
+        underlay6=topo.IPv6Interface("2001:db8:0:1::a/64"),
+    )
+    cluster.hosts = [host]
+    header, v4, v6 = demo.format_leases(cluster, rows)
+    assert header.split() == ["SUBNET", "HOST", "PUBLIC", "IP", "BACKEND", "VTEP", "MAC", "EXPIRES"]
+    assert v4.split()[:5] == ["10.244.5.0/24", "host0", "192.0.2.10", "vxlan", "aa:aa:aa:aa:aa:01"]
+    assert v6.split()[:5] == ["fd00:0:0:5::/64", "host0", "2001:db8:0:1::a", "vxlan", "aa:aa:aa:aa:aa:06"]
+    env4 = topo.SubnetEnv.parse("FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET=10.244.5.1/24\nFLANNEL_MTU=1450\n")
+    with pytest.raises(topo.TopologyError, match="FLANNEL_IPV6_SUBNET"):
+        demo._check_families({0: env4}, (4, 6))
+    demo._check_families({0: env4}, (4,))

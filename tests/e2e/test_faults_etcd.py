@@ -7,7 +7,15 @@
   of an outage does not grow with its length: one cheap retry a second) and after the issue's
   60 s in ``make test-faults`` (marker ``faults``): a host that joined during the outage is
   programmed on its peers within about two seconds of the store answering again; daemon CPU
-  seconds and log lines written during the outage are measured and bounded.
+  seconds and log lines written during the outage are measured and bounded.  A reservation made
+  before the kill is still there, still without a TTL, after the restart, the join and a daemon
+  restart.
+* **a 3-member etcd losing its leader** (``make test-faults``): the leader, made the member the
+  daemons talk to, is SIGKILLed; the daemons keep the datapath, renew (a 6 s TTL) and watch
+  through the new leader.
+* **the whole history compacted while a daemon is away** (``make test-faults``): partitioned from
+  etcd (a blackhole route in its namespace) or SIGSTOPped with its watch stream stalled; back, it
+  lists once and converges, with no watch error loop.
 
 The daemons log at ``info`` (the default level), as an operator would run them, so the
 log-line figure is what lands in a journal.
@@ -15,6 +23,7 @@ log-line figure is what lands in a journal.
 
 from __future__ import annotations
 
+import base64
 import importlib.util
 import json
 import shutil
@@ -43,6 +52,7 @@ from ._mesh import (
 
 pytestmark = [pytest.mark.root, pytest.mark.etcd, pytest.mark.timeout(300)]
 
+RESERVED = "10.244.250.0/24"  # reserved before the faults; it must survive them
 RESYNC = 60.0  # the audit period, and how long the leases of a wiped store are held
 
 
@@ -102,6 +112,8 @@ def test_killed_etcd_a_joining_host_is_reachable_within_two_seconds_of_the_resta
     args = _args(cluster)
     bring_up(cluster, args, init_args=ETCD.store_args(cluster))
 
+    reserved = cluster.overlayd_cli(*ETCD.store_args(cluster), "reserve", RESERVED, "198.51.100.99")
+    assert reserved.returncode == 0, reserved.stderr
     c0, c2 = cluster.hosts[0].container, cluster.hosts[2].container
     pinger = background_ping(c0.ns, c2.address.ip, outage + 4)
     time.sleep(1)
@@ -144,6 +156,13 @@ def test_killed_etcd_a_joining_host_is_reachable_within_two_seconds_of_the_resta
     assert max(cpu.values()) * 60 / lasted <= 1.0, f"daemon CPU during the outage: {cpu}"
     assert max(lines.values()) <= 10, f"log lines during the outage: {lines}"
     wait_full_mesh_routes(cluster)
+    # the reservation survived the outage, the join and a daemon restart: still there, still without TTL
+    assert str(env.subnet.network) != RESERVED
+    cluster.hosts[1].restart_daemon()
+    cluster.hosts[1].wait_ready(30)
+    key = "/coreos.com/network/subnets/" + RESERVED.replace("/", "-")
+    [kv] = json.loads(cluster.etcd.etcdctl("get", key, "-w", "json"))["kvs"]
+    assert not kv.get("lease") and json.loads(base64.b64decode(kv["value"]))["PublicIP"] == "198.51.100.99"
 
 
 @pytest.mark.faults  # about 30 s
@@ -239,7 +258,7 @@ def test_history_compacted_while_a_daemon_is_away_it_relists_once_and_converges(
     bring_up(cluster, lambda h: [*args, "--log-level", "debug"] if h is victim else args,
              init_args=ETCD.store_args(cluster))  # fmt: skip
     assert victim.daemon is not None and victim.daemon.pid
-    fake = "10.244.250.0/24"
+    fake = "10.244.251.0/24"
     _fake_lease(cluster, fake, "198.51.100.99")  # a host that will be gone while the victim is away
     for host in cluster.hosts:
         topo.wait_until(lambda h=host: fake in route_dsts(h), 5.0, what=f"{host.name} programming the fake lease")

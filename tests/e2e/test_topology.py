@@ -125,3 +125,86 @@ def test_bad_prefix_and_sizes_are_refused():
         topo.Cluster(0)
     with pytest.raises(topo.TopologyError):
         topo.Cluster(topo.MAX_HOSTS + 1)
+
+
+def _addr_info(ns: str, dev: str) -> list[dict[str, object]]:
+    [link] = json.loads(topo.run(["ip", "-n", ns, "-j", "addr", "show", "dev", dev]).stdout)
+    return list(link["addr_info"])
+
+
+@pytest.mark.parametrize("ipv4", [True, False], ids=["dual-stack", "ipv6-only"])
+def test_ipv6_underlay_hosts_reach_each_other_also_across_the_router(ipv4):
+    """Every host, the routed one and the store reach each other over the IPv6 underlay (and the
+    IPv4 one when dual-stack); the addresses are usable at once (nodad); nothing leaks out."""
+    root_links = _root_ns_links()
+    root_forward6 = topo.run(["sysctl", "-n", "net.ipv6.conf.all.forwarding"]).stdout
+    cluster = topo.Cluster(3, store_ns=True, ipv4=ipv4, ipv6=True).build()
+    try:
+        far = cluster.add_routed_host()
+        assert cluster.families == ((4, 6) if ipv4 else (6,))
+        for host in cluster.hosts:
+            assert host.exec(["sysctl", "-n", "net.ipv6.conf.all.disable_ipv6"]).stdout.strip() == "0"
+            assert host.exec(["sysctl", "-n", "net.ipv6.conf.all.forwarding"]).stdout.strip() == "1"
+            assert host.underlay6 is not None and host.underlay6.ip in topo.ROUTED_UNDERLAY6.supernet(new_prefix=32)
+            assert (host.underlay_of(4) is not None) == ipv4
+            if not ipv4:
+                assert host.underlay == host.underlay6
+            infos = _addr_info(host.ns, host.underlay_if)
+            globals_ = {(a["local"], a["prefixlen"]) for a in infos if a.get("scope") == "global"}
+            assert globals_ == {(str(a.ip), a.network.prefixlen) for a in host.underlay_addresses}
+            assert not [a for a in infos if a.get("scope") == "global" and a.get("tentative")], infos
+        assert str(far.underlay6) == "2001:db8:0:2::d/64"
+        for host in cluster.hosts:
+            for other in cluster.hosts:
+                if other is host:
+                    continue
+                for address in other.underlay_addresses:
+                    result = topo.ping(host.ns, address.ip, count=1, timeout=2)
+                    assert result.ok, f"{host.name} -> {address}: {result.output}"
+            store = topo.ping(host.ns, cluster.store_address, count=1, timeout=2)
+            assert store.ok, store.output
+        assert cluster.store_address.version == (4 if ipv4 else 6)
+        assert cluster.etcd_endpoint == ("http://192.0.2.254:2379" if ipv4 else "http://[2001:db8:0:1::fe]:2379")
+
+        # The container side from a hand-made subnet file with the IPv6 pair.
+        host = cluster.hosts[0]
+        v4 = "FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET=10.244.7.1/24\n" if ipv4 else ""
+        host.subnet_file.write_text(
+            v4 + "FLANNEL_IPV6_NETWORK=fd00::/48\nFLANNEL_IPV6_SUBNET=fd00:0:0:7::1/64\nFLANNEL_MTU=1380\n"
+            "FLANNEL_IPMASQ=false\n"
+        )
+        container = host.attach_container()
+        assert str(container.address6) == "fd00:0:0:7::2/64" and str(container.gateway6) == "fd00:0:0:7::1"
+        assert container.families == ((4, 6) if ipv4 else (6,))
+        assert str(container.address) == ("10.244.7.2/24" if ipv4 else "fd00:0:0:7::2/64")
+        assert host.attach_container() is container  # idempotent
+        default6 = json.loads(topo.run(["ip", "-n", container.ns, "-6", "-j", "route", "show", "default"]).stdout)
+        assert [r["gateway"] for r in default6] == ["fd00:0:0:7::1"]
+        assert topo.ping(container.ns, container.gateway6, count=1, timeout=2).ok
+        if ipv4:
+            assert topo.ping(container.ns, container.gateway, count=1, timeout=2).ok
+        assert host.route_to(topo.IPv6Network("fd00:0:0:7::/64")) is not None
+        assert _root_ns_links() == root_links
+        assert topo.run(["sysctl", "-n", "net.ipv6.conf.all.forwarding"]).stdout == root_forward6
+    finally:
+        cluster.cleanup()
+    assert not [ns for ns in topo.list_netns() if ns.startswith(cluster.prefix)]
+
+
+def test_subnet_env_parsing_ipv6():
+    dual = topo.SubnetEnv.parse(
+        "FLANNEL_NETWORK=10.244.0.0/16\nFLANNEL_SUBNET=10.244.3.1/24\nFLANNEL_IPV6_NETWORK=fd00::/48\n"
+        "FLANNEL_IPV6_SUBNET=fd00:0:0:3::1/64\nFLANNEL_MTU=1430\nFLANNEL_IPMASQ=true\n"
+    )
+    assert dual.families == (4, 6)
+    assert str(dual.container) == "10.244.3.2/24" and str(dual.container_of(6)) == "fd00:0:0:3::2/64"
+    assert str(dual.gateway_of(6)) == "fd00:0:0:3::1/64"
+    only6 = topo.SubnetEnv.parse(
+        "FLANNEL_IPV6_NETWORK=fd00::/48\nFLANNEL_IPV6_SUBNET=fd00:0:0:3::1/64\nFLANNEL_MTU=1430\n"
+    )
+    assert only6.families == (6,) and only6.network is None and only6.subnet is None
+    assert str(only6.container) == "fd00:0:0:3::2/64"
+    with pytest.raises(topo.TopologyError):
+        topo.SubnetEnv.parse("FLANNEL_IPV6_NETWORK=fd00::/48\nFLANNEL_MTU=1430\n")
+    with pytest.raises(topo.TopologyError):
+        topo.Cluster(1, ipv4=False, ipv6=False)
