@@ -13,10 +13,8 @@ NEEDED_BINARIES := etcd etcdctl ip ping iperf3 nft iptables setpriv
 
 .PHONY: test test-faults lint typecheck unit deps venv demo clean bench
 
-# dualstack_pending: tests/e2e/test_dual_stack.py needs the IPv6 lease and kernel branches; drop the
-# marker (here and in pyproject.toml) once they are merged.
 test: deps lint typecheck
-	$(PY) -m pytest -p no:cacheprovider --timeout 600 -m "not faults and not dualstack_pending" $(PYTEST_ARGS)
+	$(PY) -m pytest -p no:cacheprovider --timeout 600 -m "not faults" $(PYTEST_ARGS)
 
 # the long fault scenarios (e.g. etcd dead for the full 60 s); make test runs shorter forms
 test-faults: deps

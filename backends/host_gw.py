@@ -21,6 +21,12 @@ Design history (flannel's ``pkg/backend/hostgw/hostgw.go`` and ``route_network.g
   invalid gateway"); here :meth:`HostGwNetwork.check_peer` rejects it, so it is reported once per
   lease revision by the daemon with a sentence that says what to do, and never programmed.
 
+* Dual stack: the IPv6 overlay is routed the same way over the IPv6 underlay,
+  ``<peer v6 subnet> via <peer PublicIPv6> dev <underlay>``; the on-link test uses the
+  interface's IPv6 prefixes (link-local aside).  One code path, the family as a parameter:
+  ``route_for(lease, family)`` with ``attrs.public_ip_of(family)``.  host-gw keeps nothing per
+  family, so ``BackendV6Data`` is empty too.
+
 BackendData is empty; the container MTU is the underlay MTU (nothing is added to a packet).
 """
 
@@ -28,7 +34,6 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from ipaddress import IPv4Address
 from typing import Any
 
 from overlayd.sdk import (
@@ -58,28 +63,34 @@ class HostGwNetwork(RouteNetwork):
     def backend_data(self) -> Mapping[str, Any]:
         return {}
 
+    @property
+    def backend_v6_data(self) -> Mapping[str, Any] | None:
+        return {} if 6 in self.families else None
+
     def activate(self, lease: Lease) -> None:
-        if lease.subnet is None:
-            raise ConfigError("host-gw needs an IPv4 subnet lease (EnableIPv4)")
+        missing = [v for v in self.families if lease.subnet_of(v) is None]
+        if missing:
+            raise ConfigError(f"host-gw needs an IPv{missing[0]} subnet lease (the network enables IPv{missing[0]})")
         super().activate(lease)
 
     def check_peer(self, lease: Lease) -> None:
-        if lease.subnet is None:
-            raise GarbledLease(f"lease {lease.key} has no IPv4 subnet; host-gw cannot route to it")
-        ip = lease.attrs.public_ip
-        if not isinstance(ip, IPv4Address):
-            raise GarbledLease(f"lease {lease.key} has no IPv4 PublicIP")
-        if not self.on_link(ip):
-            nets = ", ".join(sorted(str(n) for n in self.connected)) or "none"
-            raise GarbledLease(
-                f"PublicIP {ip} is not on-link on {self.host.iface} (connected: {nets}); host-gw needs "
-                "every host on one L2 segment: use vxlan with DirectRouting for a routed underlay"
-            )
+        for family in lease.families:
+            name = "PublicIP" if family == 4 else "PublicIPv6"
+            ip = lease.attrs.public_ip_of(family)
+            if ip is None or ip.version != family:
+                raise GarbledLease(f"lease {lease.key} has no {name}; host-gw cannot route its IPv{family} subnet")
+            if not self.on_link(ip):
+                nets = ", ".join(sorted(str(n) for n in self.connected if n.version == family)) or "none"
+                raise GarbledLease(
+                    f"{name} {ip} is not on-link on {self.host.iface} (connected: {nets}); host-gw needs "
+                    "every host on one L2 segment: use vxlan with DirectRouting for a routed underlay"
+                )
 
-    def route_for(self, lease: Lease) -> Route | None:
-        if lease.subnet is None or lease.attrs.public_ip is None:
+    def route_for(self, lease: Lease, family: int) -> Route | None:
+        subnet, gateway = lease.subnet_of(family), lease.attrs.public_ip_of(family)
+        if subnet is None or gateway is None:
             return None
-        return Route(dst=lease.subnet, gateway=lease.attrs.public_ip, dev=self.host.iface)
+        return Route(dst=subnet, gateway=gateway, dev=self.host.iface)
 
 
 class HostGwBackend(Backend):
@@ -88,7 +99,14 @@ class HostGwBackend(Backend):
     Options = NoOptions
 
     @staticmethod
-    def _check_host(host: HostInfo) -> None:
+    def _check_host(config: NetworkConfig, host: HostInfo) -> None:
+        if 6 in config.families and host.public_ipv6 is None:
+            raise ConfigError(
+                f"host-gw: the network enables IPv6 but interface {host.iface} has no IPv6 address "
+                "(give one, or --public-ipv6)"
+            )
+        if 4 not in config.families:
+            return
         if host.public_ip is None:
             raise ConfigError(f"host-gw: interface {host.iface} has no IPv4 address")
         if host.iface_addr is not None and host.iface_addr != host.public_ip:
@@ -99,14 +117,14 @@ class HostGwBackend(Backend):
             )
 
     def prepare(self, config: NetworkConfig, host: HostInfo) -> Network:
-        self._check_host(host)
-        network = HostGwNetwork(host)
+        self._check_host(config, host)
+        network = HostGwNetwork(host, families=config.families)
         network.refresh_connected()
         network.created = False  # nothing is created before the first pass: a failed start removes nothing
         return network
 
     def offline(self, config: NetworkConfig, host: HostInfo, own: Lease) -> Network:
-        network = HostGwNetwork(host, offline=True)
+        network = HostGwNetwork(host, offline=True, families=config.families)
         if host.iface_index > 0:
             network.refresh_connected()  # reads the kernel, changes nothing
         return network

@@ -160,11 +160,11 @@ class UdpNetwork(RouteNetwork):
         if lease.attrs.public_ip is None:
             raise GarbledLease(f"lease {lease.key} has no PublicIP")
 
-    def route_for(self, lease: Lease) -> Route | None:
+    def route_for(self, lease: Lease, family: int) -> Route | None:
         return None  # no kernel route per peer: the forwarder's table does it
 
-    def objects_for(self, lease: Lease) -> Iterable[Any]:
-        if lease.subnet is None or lease.attrs.public_ip is None:
+    def objects_for(self, lease: Lease, family: int) -> Iterable[Any]:
+        if family != 4 or lease.subnet is None or lease.attrs.public_ip is None:
             return ()
         return (Forward(lease.subnet, lease.attrs.public_ip),)
 

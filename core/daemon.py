@@ -483,7 +483,7 @@ class Daemon:
         if scope is None:
             self._loop_uncached(stop)
             return
-        kernel = KernelCache(scope.device, protocol=scope.protocol, table=scope.table, audit_period=float("inf"))
+        kernel = KernelCache(scope.devices, protocol=scope.protocol, table=scope.table, audit_period=float("inf"))
         self.kernel_cache = kernel
         try:
             self._loop_cached(stop, kernel)

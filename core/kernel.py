@@ -121,14 +121,21 @@ class FdbEntry:
         return f"{self.lladdr} dst {self.dst} dev {self.dev}"
 
 
+def _device_names(value: str | tuple[str, ...] | list[str] | None) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    return (value,) if isinstance(value, str) else tuple(value)
+
+
 @attrs.frozen
 class KernelScope:
     """What a ``Network`` owns in the kernel, so the daemon can keep it in a notification-fed cache
     (:class:`overlayd.kernelcache.KernelCache`) instead of reading it back every pass: routes
-    of *protocol* in *table*, and — when *device* is set — the permanent neighbour and FDB
-    entries on that device.  ``Network.kernel_cache()`` returns one (or None: no cache)."""
+    of *protocol* in *table* (IPv4 and IPv6), and the permanent neighbour (ARP and NDP) and FDB
+    entries on each of *devices* (vxlan: ``flannel.<VNI>`` and ``flannel-v6.<VNI>``; a route
+    backend owns none).  ``Network.kernel_cache()`` returns one (or None: no cache)."""
 
-    device: str | None = None
+    devices: tuple[str, ...] = attrs.field(default=(), converter=_device_names)
     protocol: int = RTPROT_OVERLAYD
     table: int = RT_TABLE_MAIN
 
@@ -155,4 +162,4 @@ class Egress:
     """Where the kernel would send a packet: the output device and its preferred source address."""
 
     oif: int
-    prefsrc: IPv4Address | None = None
+    prefsrc: IPv4Address | None = None  # IPv4 only (an IPv6 lookup gives the device alone)

@@ -5,8 +5,9 @@ about 0.25 ms a message) per reconcile pass made one event cost O(cluster) — a
 three quarters of the daemon's CPU.  Calico's felix keeps a dataplane cache instead; so do we:
 
 * **Read fully once, then listen.**  :meth:`KernelCache.open` subscribes a netlink socket to the
-  route (``RTNLGRP_IPV4_ROUTE``), neighbour (``RTNLGRP_NEIGH``: ARP *and* the VXLAN FDB, which
-  the kernel reports as ``AF_BRIDGE`` neighbours) and link (``RTNLGRP_LINK``) groups *before*
+  route (``RTNLGRP_IPV4_ROUTE``, ``RTNLGRP_IPV6_ROUTE``), neighbour (``RTNLGRP_NEIGH``: ARP, IPv6
+  NDP *and* the VXLAN FDB, which the kernel reports as ``AF_BRIDGE`` neighbours) and link
+  (``RTNLGRP_LINK``) groups *before*
   dumping, so nothing that happens during the dump is missed.  :meth:`KernelCache.drain` reads
   what is pending without blocking and updates the cache; each slot (the kernel objects' ``key``,
   as :mod:`overlayd.plan` uses it) whose content changed is remembered until
@@ -15,9 +16,13 @@ three quarters of the daemon's CPU.  Calico's felix keeps a dataplane cache inst
 * **What notifications do not say.**  IPv4 removes the routes through a device that goes down or
   disappears without sending ``RTM_DELROUTE`` (``fib_sync_down_dev``/``fib_flush`` in
   net/ipv4/fib_semantics.c, fib_frontend.c); the link group tells us, so a deleted device drops
-  everything cached on it and a device going down (or being renamed) asks for a resync.  The
-  same silent flush happens when a device loses its last IPv4 address (``fib_disable_ip``), so
-  an address removed from a device our objects use (``RTNLGRP_IPV4_IFADDR``) asks for one too.
+  everything cached on it and a device going down (or being renamed) asks for a resync.  IPv6
+  does the same (``rt6_sync_down_dev`` cleans with ``skip_notify``).  The same silent flush
+  happens when a device loses its last IPv4 address (``fib_disable_ip``), so an address removed
+  from a device our objects use (``RTNLGRP_IPV4_IFADDR``, ``RTNLGRP_IPV6_IFADDR``) asks for one too.
+* **Both families, one code path.**  Routes and neighbours are dumped and decoded per address
+  family with the family as a parameter; an IPv6 route added without a metric carries the
+  kernel's 1024 (``IP6_RT_PRIO_USER``), read back as metric 0 like :func:`overlayd.netlink.read_routes`.
 * **Overrun.**  When the socket's receive buffer overflows the kernel drops notifications and the
   next ``recv`` fails with ``ENOBUFS`` (netlink(7)); the cache cannot know what it missed, so it
   sets :attr:`KernelCache.needs_resync` and the next :meth:`KernelCache.resync` re-reads
@@ -35,7 +40,7 @@ three quarters of the daemon's CPU.  Calico's felix keeps a dataplane cache inst
   daemon then resyncs, which repairs a cache that missed something for any other reason.
 
 Ownership is the one :mod:`overlayd.netlink` defines: routes of protocol ``RTPROT_OVERLAYD`` in
-our table, permanent neighbour and FDB entries on our device.  Writing stays in ``netlink``.
+our table, permanent neighbour and FDB entries on our devices.  Writing stays in ``netlink``.
 """
 
 from __future__ import annotations
@@ -52,6 +57,8 @@ from typing import Any
 
 from .errors import KernelError
 from .netlink import (
+    FAMILIES,
+    IP6_RT_PRIO_USER,
     NUD_PERMANENT,
     RT_TABLE_MAIN,
     RTNH_F_ONLINK,
@@ -83,6 +90,7 @@ RTM_NEWNEIGH, RTM_DELNEIGH, RTM_GETNEIGH = 28, 29, 30
 RTM_DELADDR = 21
 NLM_F_REQUEST, NLM_F_MULTI, NLM_F_DUMP_INTR, NLM_F_REPLACE, NLM_F_DUMP = 0x1, 0x2, 0x10, 0x100, 0x300
 RTNLGRP_LINK, RTNLGRP_NEIGH, RTNLGRP_IPV4_IFADDR, RTNLGRP_IPV4_ROUTE = 1, 3, 5, 7
+RTNLGRP_IPV6_IFADDR, RTNLGRP_IPV6_ROUTE = 9, 11
 AF_BRIDGE = 7
 IFF_UP = 0x1
 RTN_UNICAST = 1
@@ -162,15 +170,17 @@ def open_socket(groups: int = 0, rcvbuf: int | None = None, strict: bool = True)
 
 
 class KernelCache:
-    """overlayd's kernel objects (routes of *protocol* in *table*; permanent neighbours and FDB
-    entries on *device*), by slot, kept current by :meth:`drain`; see the module notes.
+    """overlayd's kernel objects (routes of *protocol* in *table*, IPv4 and IPv6; permanent
+    neighbours and FDB entries on *devices*), by slot, kept current by :meth:`drain`; see the
+    module notes.
 
-    *device* None: routes only (a route backend such as host-gw owns no device).
+    *devices*: one name, several (vxlan's ``flannel.<VNI>`` and ``flannel-v6.<VNI>``), or None /
+    empty: routes only (a route backend such as host-gw owns no device).
     """
 
     def __init__(
         self,
-        device: str | None,
+        devices: str | Iterable[str] | None,
         *,
         protocol: int = RTPROT_OVERLAYD,
         table: int = RT_TABLE_MAIN,
@@ -179,7 +189,9 @@ class KernelCache:
         strict: bool = True,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.device = device
+        self.devices: tuple[str, ...] = (
+            () if devices is None else (devices,) if isinstance(devices, str) else tuple(devices)
+        )
         self.protocol = protocol
         self.table = table
         self.audit_period = audit_period
@@ -193,7 +205,7 @@ class KernelCache:
         self._slots: dict[Slot, set[KernelObject]] = {}
         self._names: dict[int, str] = {}
         self._up: dict[int, bool] = {}
-        self._index_of: tuple[int, int | None] | None = None  # memo of _device_index
+        self._dev_of: dict[int, str] | None = None  # memo of _device_indexes: index -> our device
         self._changed: set[Slot] = set()
         self._synced_at: float | None = None
         #: True when notifications were lost (ENOBUFS) or cannot be interpreted: resync.
@@ -214,7 +226,14 @@ class KernelCache:
     def open(self) -> None:
         """Subscribe to notifications, then read the kernel fully."""
         if self._sock is None:
-            groups = _groups(RTNLGRP_LINK, RTNLGRP_NEIGH, RTNLGRP_IPV4_IFADDR, RTNLGRP_IPV4_ROUTE)
+            groups = _groups(
+                RTNLGRP_LINK,
+                RTNLGRP_NEIGH,
+                RTNLGRP_IPV4_IFADDR,
+                RTNLGRP_IPV4_ROUTE,
+                RTNLGRP_IPV6_IFADDR,
+                RTNLGRP_IPV6_ROUTE,
+            )
             self._sock, _ = open_socket(groups, self._rcvbuf, strict=False)
             self._sock.setblocking(False)
             self._dump_sock, self._strict_on = open_socket(0, None, strict=self._strict)
@@ -309,21 +328,23 @@ class KernelCache:
                 if name is not None:
                     names[index], up[index] = name, is_up
         self._names, self._up = names, up
+        self._dev_of = None
         slots: dict[Slot, set[KernelObject]] = {}
-        request = _RTMSG.pack(socket.AF_INET, 0, 0, 0, self.table if self.table < 256 else 0, self.protocol, 0, 0, 0)
-        if self.table >= 256:
-            request += _RTA.pack(8, RTA_TABLE) + _U32.pack(self.table)
-        for kind, _flags, body, end, data in self._dump(RTM_GETROUTE, request):
-            route = self._route(data, body, end) if kind == RTM_NEWROUTE else None
-            if isinstance(route, Route):
-                slots.setdefault(route.key, set()).add(route)
-        dev_index = self._device_index()
-        if dev_index is not None:
-            neigh_req = _NDMSG.pack(socket.AF_INET, 0, 0, 0, 0, 0, 0) + _RTA.pack(8, NDA_IFINDEX) + _U32.pack(dev_index)
-            for kind, _flags, body, end, data in self._dump(RTM_GETNEIGH, neigh_req):
-                neigh = self._neigh(data, body, end) if kind == RTM_NEWNEIGH else None
-                if isinstance(neigh, Neighbour):
-                    slots.setdefault(neigh.key, set()).add(neigh)
+        for family in FAMILIES:
+            request = _RTMSG.pack(family, 0, 0, 0, self.table if self.table < 256 else 0, self.protocol, 0, 0, 0)
+            if self.table >= 256:
+                request += _RTA.pack(8, RTA_TABLE) + _U32.pack(self.table)
+            for kind, _flags, body, end, data in self._dump(RTM_GETROUTE, request):
+                route = self._route(data, body, end) if kind == RTM_NEWROUTE else None
+                if isinstance(route, Route):
+                    slots.setdefault(route.key, set()).add(route)
+        for dev_index in sorted(self._device_indexes()):
+            for family in FAMILIES:
+                neigh_req = _NDMSG.pack(family, 0, 0, 0, 0, 0, 0) + _RTA.pack(8, NDA_IFINDEX) + _U32.pack(dev_index)
+                for kind, _flags, body, end, data in self._dump(RTM_GETNEIGH, neigh_req):
+                    neigh = self._neigh(data, body, end) if kind == RTM_NEWNEIGH else None
+                    if isinstance(neigh, Neighbour):
+                        slots.setdefault(neigh.key, set()).add(neigh)
             fdb_req = _NDMSG.pack(AF_BRIDGE, 0, 0, dev_index if self._strict_on else 0, 0, 0, 0)
             for kind, _flags, body, end, data in self._dump(RTM_GETNEIGH, fdb_req):
                 entry = self._neigh(data, body, end) if kind == RTM_NEWNEIGH else None
@@ -377,13 +398,12 @@ class KernelCache:
 
     # -- decoding ---------------------------------------------------------------------------------
 
-    def _device_index(self) -> int | None:
-        if self.device is None:
-            return None
-        if self._index_of is None or self._names.get(self._index_of[0]) != self.device:
-            found = next((index for index, name in self._names.items() if name == self.device), None)
-            self._index_of = (found if found is not None else -1, found)
-        return self._index_of[1]
+    def _device_indexes(self) -> dict[int, str]:
+        """index -> name of our devices that exist now (memoised until the link table changes)."""
+        if self._dev_of is None:
+            ours = set(self.devices)
+            self._dev_of = {index: name for index, name in self._names.items() if name in ours}
+        return self._dev_of
 
     def _link(self, data: bytes, body: int, end: int) -> tuple[int, str | None, bool]:
         _family, _pad, _type, index, flags, _change = _IFINFOMSG.unpack_from(data, body)
@@ -394,7 +414,7 @@ class KernelCache:
     def _route(self, data: bytes, body: int, end: int) -> Route | tuple[Slot, bool] | None:
         """Our route; or (its slot, False) for someone else's route in a slot of our table."""
         family, dst_len, _src, _tos, table, protocol, _scope, rtype, flags = _RTMSG.unpack_from(data, body)
-        if family != socket.AF_INET:
+        if family not in FAMILIES:
             return None
         attrs = _attrs(data, body + _RTMSG.size, end)
         if RTA_TABLE in attrs:
@@ -402,8 +422,11 @@ class KernelCache:
         if table != self.table or rtype != RTN_UNICAST:
             return None
         raw_dst = attrs.get(RTA_DST)
-        dst = ipaddress.IPv4Network((bytes(raw_dst) if raw_dst is not None else b"\0\0\0\0", dst_len))
+        size = 4 if family == socket.AF_INET else 16
+        dst = ipaddress.ip_network((bytes(raw_dst) if raw_dst is not None else bytes(size), dst_len))
         metric = _U32.unpack_from(attrs[RTA_PRIORITY])[0] if RTA_PRIORITY in attrs else 0
+        if family == socket.AF_INET6 and metric == IP6_RT_PRIO_USER:
+            metric = 0  # the kernel's default for an IPv6 route added without one
         if protocol != self.protocol:
             return ("route", table, dst, metric), False
         oif = _U32.unpack_from(attrs[RTA_OIF])[0] if RTA_OIF in attrs else None
@@ -419,24 +442,26 @@ class KernelCache:
         )
 
     def _neigh(self, data: bytes, body: int, end: int) -> Neighbour | FdbEntry | tuple[Slot, bool] | None:
-        """A permanent entry on our device; (slot, False) for a non-permanent one there."""
+        """A permanent entry on one of our devices (ARP, NDP or FDB); (slot, False) for a
+        non-permanent one there."""
         family, _p1, _p2, ifindex, state, _flags, _type = _NDMSG.unpack_from(data, body)
-        if self.device is None or ifindex != self._device_index():
+        device = self._device_indexes().get(ifindex) if self.devices else None
+        if device is None:
             return None
         attrs = _attrs(data, body + _NDMSG.size, end)
         lladdr, dst = attrs.get(NDA_LLADDR), attrs.get(NDA_DST)
-        if family == socket.AF_INET:
+        if family in FAMILIES:
             if dst is None:
                 return None
             address = _ip(dst)
             if not state & NUD_PERMANENT or lladdr is None or len(lladdr) != 6:
-                return ("neigh", self.device, address), False
-            return Neighbour(dst=address, lladdr=MacAddress(bytes(lladdr)), dev=self.device)
+                return ("neigh", device, address), False
+            return Neighbour(dst=address, lladdr=MacAddress(bytes(lladdr)), dev=device)
         if family == AF_BRIDGE and lladdr is not None and len(lladdr) == 6:
             mac = MacAddress(bytes(lladdr))
             if not state & NUD_PERMANENT or dst is None:
-                return ("fdb", self.device, mac), False
-            return FdbEntry(lladdr=mac, dst=_ip(dst), dev=self.device)
+                return ("fdb", device, mac), False
+            return FdbEntry(lladdr=mac, dst=_ip(dst), dev=device)
         return None
 
     # -- notifications ------------------------------------------------------------------------------
@@ -452,7 +477,8 @@ class KernelCache:
     def _handle(self, data: bytes, kind: int, flags: int, body: int, end: int) -> None:
         if kind == RTM_DELADDR:
             # the last IPv4 address leaving a device flushes the routes through it silently
-            # (fib_disable_ip); we cannot tell which address was the last one, so re-read
+            # (fib_disable_ip); we cannot tell which address was the last one, so re-read (IPv6
+            # removals are treated alike: cheap, and never wrong)
             (index,) = struct.unpack_from("=i", data, body + 4)  # ifaddrmsg: family, prefixlen, flags, scope, index
             name = self._names.get(index)
             if name is not None and self._uses(name):
@@ -490,6 +516,8 @@ class KernelCache:
 
     def _on_link(self, kind: int, index: int, name: str | None, up: bool) -> None:
         old = self._names.get(index)
+        if kind == RTM_DELLINK or name != old:
+            self._dev_of = None  # a device of ours may have come, gone or been renamed
         if kind == RTM_DELLINK:
             self._names.pop(index, None)
             self._up.pop(index, None)

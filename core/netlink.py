@@ -72,6 +72,8 @@ log = logging.getLogger(__name__)
 __all__ = [
     "ADD_OK",
     "DELETE_OK",
+    "FAMILIES",
+    "IFA_F_NODAD",
     "NTF_SELF",
     "NUD_NOARP",
     "NUD_PERMANENT",
@@ -98,8 +100,10 @@ __all__ = [
     "delete_link",
     "delete_neighbour",
     "delete_route",
+    "family_of",
     "get_addresses",
     "get_link",
+    "interfaces",
     "iproute",
     "ipv4_interfaces",
     "kernel_error",
@@ -119,9 +123,14 @@ __all__ = [
 ]
 
 RTNH_F_ONLINK = 0x4
+IFA_F_NODAD = 0x02
+#: The address families overlayd programs; a reader given ``family=None`` reads both.
+FAMILIES = (socket.AF_INET, socket.AF_INET6)
 NUD_NOARP = 0x40
 NUD_PERMANENT = 0x80
 NTF_SELF = 0x02
+#: The metric the kernel gives an IPv6 route added without one (``IP6_RT_PRIO_USER``).
+IP6_RT_PRIO_USER = 1024
 
 #: errnos that mean "already there" for a create, and "already gone" for a delete.
 ADD_OK = frozenset({errno.EEXIST})
@@ -314,15 +323,26 @@ def add_vxlan(
         ipr.link("add", ifname=name, kind="vxlan", **kwargs)
 
 
-def ipv4_interfaces(ipr: IPRoute) -> list[tuple[Link, tuple[IPv4Address, ...]]]:
-    """Every device with its IPv4 addresses (kernel order), for choosing the underlay."""
-    addrs: dict[int, list[IPv4Address]] = {}
-    with translated("listing IPv4 addresses"):
-        for msg in ipr.addr("dump", family=socket.AF_INET):
-            addrs.setdefault(int(msg["index"]), []).append(IPv4Address(msg.get("address")))
+def interfaces(ipr: IPRoute, family: int = socket.AF_INET) -> list[tuple[Link, tuple[AddressIP, ...]]]:
+    """Every device with its addresses of *family* (kernel order), for choosing the underlay.
+
+    IPv6 link-local addresses (``fe80::/10``) are left out: they name no host off the link."""
+    addrs: dict[int, list[AddressIP]] = {}
+    with translated(f"listing IPv{4 if family == socket.AF_INET else 6} addresses"):
+        for msg in ipr.addr("dump", family=family):
+            if msg["family"] != family:
+                continue
+            address = ipaddress.ip_address(msg.get("address"))
+            if not address.is_link_local or address.version == 4:
+                addrs.setdefault(int(msg["index"]), []).append(address)
     with translated("listing network devices"):
         links = [_link_from_msg(msg) for msg in ipr.link("dump")]
     return [(link, tuple(addrs.get(link.index, ()))) for link in links]
+
+
+def ipv4_interfaces(ipr: IPRoute) -> list[tuple[Link, tuple[IPv4Address, ...]]]:
+    """Every device with its IPv4 addresses (kernel order), for choosing the underlay."""
+    return [(link, tuple(a for a in addrs if isinstance(a, IPv4Address))) for link, addrs in interfaces(ipr)]
 
 
 def _egress(msg: Any) -> Egress | None:
@@ -330,7 +350,8 @@ def _egress(msg: Any) -> Egress | None:
     if oif is None:
         return None
     src = msg.get("prefsrc")
-    return Egress(oif=int(oif), prefsrc=IPv4Address(src) if src else None)
+    address = ipaddress.ip_address(src) if src else None
+    return Egress(oif=int(oif), prefsrc=address if isinstance(address, IPv4Address) else None)
 
 
 def route_get(ipr: IPRoute, dst: IPv4Address | IPv6Address) -> list[Egress]:
@@ -340,11 +361,11 @@ def route_get(ipr: IPRoute, dst: IPv4Address | IPv6Address) -> list[Egress]:
     return [egress for egress in map(_egress, msgs) if egress is not None]
 
 
-def default_routes(ipr: IPRoute) -> list[Egress]:
-    """The IPv4 default routes of the main table."""
+def default_routes(ipr: IPRoute, family: int = socket.AF_INET) -> list[Egress]:
+    """The default routes of *family* (IPv4 unless told) in the main table."""
     out = []
     with translated("listing routes"):
-        msgs = ipr.route("dump", family=socket.AF_INET, table=RT_TABLE_MAIN)
+        msgs = ipr.route("dump", family=family, table=RT_TABLE_MAIN)
     for msg in msgs:
         if msg["dst_len"] == 0 and msg["type"] == 1 and (msg.get("table") or msg["table"]) == RT_TABLE_MAIN:
             egress = _egress(msg)
@@ -357,18 +378,22 @@ def default_routes(ipr: IPRoute) -> list[Egress]:
 
 
 def get_addresses(ipr: IPRoute, index: int, family: int = socket.AF_INET) -> list[IPv4Interface | IPv6Interface]:
-    """The addresses on a device (with prefix length), in kernel order."""
+    """The addresses of *family* on a device (with prefix length), in kernel order."""
     out: list[IPv4Interface | IPv6Interface] = []
     for msg in ipr.addr("dump", index=index, family=family):
-        if msg.get("index") != index:
+        if msg.get("index") != index or msg["family"] != family:
             continue
         out.append(ipaddress.ip_interface(f"{msg.get('address')}/{msg['prefixlen']}"))
     return out
 
 
 def add_address(ipr: IPRoute, index: int, addr: IPv4Interface | IPv6Interface) -> None:
+    """Add *addr* to device *index*; an IPv6 address skips duplicate address detection (``nodad``):
+    overlayd's addresses are unique by lease, and DAD would leave them tentative (unusable as a
+    source) for a second or two after every start."""
+    kwargs: dict[str, Any] = {"flags": IFA_F_NODAD} if addr.version == 6 else {}
     with translated(f"adding address {addr} to device {index}", ok=ADD_OK):
-        ipr.addr("add", index=index, address=str(addr.ip), prefixlen=addr.network.prefixlen)
+        ipr.addr("add", index=index, address=str(addr.ip), prefixlen=addr.network.prefixlen, **kwargs)
 
 
 def delete_address(ipr: IPRoute, index: int, addr: IPv4Interface | IPv6Interface) -> None:
@@ -376,81 +401,112 @@ def delete_address(ipr: IPRoute, index: int, addr: IPv4Interface | IPv6Interface
         ipr.addr("del", index=index, address=str(addr.ip), prefixlen=addr.network.prefixlen)
 
 
-def configure_device(ipr: IPRoute, link: Link, address: IPv4Interface, mtu: int) -> None:
-    """Give our device *link* exactly one IPv4 address, *address*, the MTU *mtu*, and bring it up.
+def family_of(addr: IPv4Address | IPv6Address | IPv4Network | IPv6Network | IPv4Interface | IPv6Interface) -> int:
+    """``AF_INET`` or ``AF_INET6`` for an address, network or interface value."""
+    return socket.AF_INET if addr.version == 4 else socket.AF_INET6
+
+
+def configure_device(ipr: IPRoute, link: Link, address: IPv4Interface | IPv6Interface | None, mtu: int) -> None:
+    """Give our device *link* exactly one address of *address*'s family, the MTU *mtu*, and bring it up.
 
     Idempotent: only what differs is changed.  Used by the backends that own a device (vxlan's
-    VTEP, udp's TUN) once they know their lease, and again when the device had to be recreated.
+    VTEPs, udp's TUN) once they know their lease, and again when the device had to be recreated.
+    Addresses of the other family are left alone, and so is IPv6 link-local (``fe80::/10``,
+    which the kernel gives every device with a MAC and which neighbour discovery needs).
+    *address* None only sets the MTU and the link state.
     """
-    for addr in get_addresses(ipr, link.index, socket.AF_INET):
-        if addr != address:
-            log.info("removing stale address %s from %s", addr, link.name)
-            delete_address(ipr, link.index, addr)
-    add_address(ipr, link.index, address)
+    if address is not None:
+        for addr in get_addresses(ipr, link.index, family_of(address)):
+            if addr != address and not (addr.version == 6 and addr.ip.is_link_local):
+                log.info("removing stale address %s from %s", addr, link.name)
+                delete_address(ipr, link.index, addr)
     if link.mtu != mtu:
         set_link(ipr, link.index, f"setting MTU {mtu} on {link.name}", mtu=mtu)
+    if address is not None:
+        add_address(ipr, link.index, address)
     if not link.up:
         set_link(ipr, link.index, f"bringing up {link.name}", state="up")
 
 
-def connected_networks(ipr: IPRoute, index: int) -> frozenset[IPv4Network]:
-    """The IPv4 subnets directly attached to a device (its addresses' networks)."""
+def connected_networks(ipr: IPRoute, index: int) -> frozenset[IPv4Network | IPv6Network]:
+    """The subnets directly attached to a device (its addresses' networks), both families;
+    host routes (/32, /128) and IPv6 link-local are left out (no peer's PublicIP can be there)."""
     return frozenset(
         iface.network
-        for iface in get_addresses(ipr, index, socket.AF_INET)
-        if isinstance(iface, IPv4Interface) and iface.network.prefixlen < 32
+        for family in FAMILIES
+        for iface in get_addresses(ipr, index, family)
+        if iface.network.prefixlen < iface.max_prefixlen and not iface.ip.is_link_local
     )
 
 
 # -- reading state back ----------------------------------------------------------------------------
 
 
+def _families(family: int | None) -> tuple[int, ...]:
+    return FAMILIES if family is None else (family,)
+
+
 def read_routes(
-    ipr: IPRoute, protocol: int = RTPROT_OVERLAYD, table: int = RT_TABLE_MAIN, family: int = socket.AF_INET
+    ipr: IPRoute, protocol: int = RTPROT_OVERLAYD, table: int = RT_TABLE_MAIN, family: int | None = None
 ) -> frozenset[Route]:
-    """The unicast routes in *table* marked with *protocol*; nothing else is ever ours."""
+    """The unicast routes in *table* marked with *protocol*, of *family* (None: IPv4 and IPv6);
+    nothing else is ever ours."""
     names = link_names(ipr)
     out: set[Route] = set()
-    for msg in ipr.route("dump", family=family):
-        if msg["proto"] != protocol or (msg.get("table") or msg["table"]) != table or msg["type"] != 1:
-            continue
-        dst = msg.get("dst")
-        if dst is None:
-            dst = "0.0.0.0" if family == socket.AF_INET else "::"
-        gateway = msg.get("gateway")
-        oif = msg.get("oif")
-        out.add(
-            Route(
-                dst=ipaddress.ip_network(f"{dst}/{msg['dst_len']}"),
-                dev=names.get(oif, f"if{oif}") if oif is not None else "",
-                gateway=ipaddress.ip_address(gateway) if gateway else None,
-                onlink=bool(msg["flags"] & RTNH_F_ONLINK),
-                protocol=protocol,
-                table=table,
-                metric=int(msg.get("priority") or 0),
+    for fam in _families(family):
+        for msg in ipr.route("dump", family=fam):
+            if msg["proto"] != protocol or (msg.get("table") or msg["table"]) != table or msg["type"] != 1:
+                continue
+            if msg["family"] != fam:
+                continue
+            dst = msg.get("dst")
+            if dst is None:
+                dst = "0.0.0.0" if fam == socket.AF_INET else "::"
+            gateway = msg.get("gateway")
+            oif = msg.get("oif")
+            out.add(
+                Route(
+                    dst=ipaddress.ip_network(f"{dst}/{msg['dst_len']}"),
+                    dev=names.get(oif, f"if{oif}") if oif is not None else "",
+                    gateway=ipaddress.ip_address(gateway) if gateway else None,
+                    onlink=bool(msg["flags"] & RTNH_F_ONLINK),
+                    protocol=protocol,
+                    table=table,
+                    metric=_metric(msg),
+                )
             )
-        )
     return frozenset(out)
 
 
-def read_neighbours(ipr: IPRoute, dev: str, family: int = socket.AF_INET) -> frozenset[Neighbour]:
-    """The permanent neighbour entries on device *dev* (empty when it does not exist)."""
+def _metric(msg: Any) -> int:
+    """The route's metric as the kernel reports it; IPv6 routes always carry one (1024 when
+    none was asked for), which overlayd's ``Route.metric`` 0 stands for."""
+    metric = int(msg.get("priority") or 0)
+    if msg["family"] == socket.AF_INET6 and metric == IP6_RT_PRIO_USER:
+        return 0
+    return metric
+
+
+def read_neighbours(ipr: IPRoute, dev: str, family: int | None = None) -> frozenset[Neighbour]:
+    """The permanent neighbour entries of *family* (None: ARP and NDP) on device *dev*
+    (empty when it does not exist)."""
     link = get_link(ipr, dev)
     if link is None:
         return frozenset()
     out: set[Neighbour] = set()
-    for msg in ipr.neigh("dump", ifindex=link.index, family=family):
-        if msg.get("ifindex") != link.index or msg["family"] != family or not msg["state"] & NUD_PERMANENT:
-            continue
-        lladdr, dst = msg.get("lladdr"), msg.get("dst")
-        if not lladdr or not dst:
-            continue
-        out.add(Neighbour(dst=ipaddress.ip_address(dst), lladdr=lladdr, dev=dev))
+    for fam in _families(family):
+        for msg in ipr.neigh("dump", ifindex=link.index, family=fam):
+            if msg.get("ifindex") != link.index or msg["family"] != fam or not msg["state"] & NUD_PERMANENT:
+                continue
+            lladdr, dst = msg.get("lladdr"), msg.get("dst")
+            if not lladdr or not dst:
+                continue
+            out.add(Neighbour(dst=ipaddress.ip_address(dst), lladdr=lladdr, dev=dev))
     return frozenset(out)
 
 
 def read_fdb(ipr: IPRoute, dev: str) -> frozenset[FdbEntry]:
-    """The permanent FDB entries with a remote (``dst``) on VXLAN device *dev*."""
+    """The permanent FDB entries with a remote (``dst``, IPv4 or IPv6) on VXLAN device *dev*."""
     link = get_link(ipr, dev)
     if link is None:
         return frozenset()

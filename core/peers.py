@@ -5,12 +5,16 @@ nothing in it is trusted until it passes here.  The daemon and ``overlayd.dry_ru
 :func:`valid_peers`, so a dry run can never disagree with the daemon, and a backend never
 re-implements these checks:
 
-* **The lease must fit the network**: its subnet is a leasable subnet of the config, its
-  backend type is the config's, it has a PublicIP.
+* **The lease must fit the network**, per family it holds (a lease read from one store key holds
+  one family; the Kubernetes store's may hold both): the family is one the config enables, the
+  subnet is a leasable subnet of the config's network of that family, and the lease has that
+  family's underlay address (``PublicIP`` for IPv4, ``PublicIPv6`` for IPv6: a v6 overlay is
+  carried over a v6 underlay, as in flannel); its backend type is the config's.
 * **The PublicIP must be able to name another host** (:func:`public_ip_problem`): not the
   unspecified address, loopback, broadcast, the reserved 240/4, multicast, IPv6 link-local
   (which needs a zone), nor an address inside the overlay itself.  Each of those, programmed
   as a route gateway or VXLAN remote, sends the overlay's traffic to nowhere or in a loop.
+  A present address of the other family is checked too (a dual-stack host publishes both).
   IPv4 link-local (169.254/16) is accepted: it is a real unicast address on one segment.
   The CLI uses the same function to refuse ``--public-ip`` and ``reserve`` values.
 * **Not a stale lease of this very host** (:func:`names_this_host`): a lease left by an
@@ -81,6 +85,23 @@ def names_this_host(own: Lease, lease: Lease, host_addresses: Iterable[Address |
     return None
 
 
+def public_ip_name(version: int) -> str:
+    """The lease field holding the underlay address for overlay family *version*."""
+    return "PublicIP" if version == 4 else "PublicIPv6"
+
+
+def subnet_problem(config: NetworkConfig, version: int, subnet: IPv4Network | IPv6Network) -> str | None:
+    """Why *subnet* (of overlay family *version*) is no leasable subnet of *config*, or None."""
+    if version not in config.families:
+        return f"its IPv{version} subnet {subnet} is for a family this network does not enable"
+    if isinstance(subnet, IPv4Network) and config.contains_subnet(subnet):
+        return None
+    if isinstance(subnet, IPv6Network) and config.contains_ipv6_subnet(subnet):
+        return None
+    length = config.subnet_len if version == 4 else config.ipv6_subnet_len
+    return f"subnet {subnet} is outside network {config.network_of(version)} or not a /{length}"
+
+
 def invalid_reason(
     config: NetworkConfig,
     network: Network,
@@ -88,18 +109,25 @@ def invalid_reason(
     lease: Lease,
     host_addresses: Iterable[Address | None] = (),
 ) -> str | None:
-    """Why *network* must not program *lease* (another host's), or None when it may."""
-    if lease.subnet is None or not config.contains_subnet(lease.subnet):
-        return f"subnet is outside network {config.network} or not a /{config.subnet_len}"
-    if lease.attrs.public_ip is None:
-        return "it has no PublicIP"
-    problem = public_ip_problem(lease.attrs.public_ip, config.network)
-    if problem is not None:
-        return f"PublicIP {lease.attrs.public_ip} {problem}"
-    if lease.attrs.public_ipv6 is not None:
-        problem = public_ip_problem(lease.attrs.public_ipv6, config.ipv6_network)
+    """Why *network* must not program *lease* (another host's), or None when it may.
+
+    Every family the lease holds is checked, with the family as the parameter."""
+    if not lease.families:
+        return "it holds no subnet"
+    for version in lease.families:
+        subnet = lease.subnet_of(version)
+        assert subnet is not None
+        problem = subnet_problem(config, version, subnet)
         if problem is not None:
-            return f"PublicIPv6 {lease.attrs.public_ipv6} {problem}"
+            return problem
+        if lease.attrs.public_ip_of(version) is None:
+            return f"it has no {public_ip_name(version)}"
+    for version in (4, 6):
+        ip = lease.attrs.public_ip_of(version)
+        if ip is not None:
+            problem = public_ip_problem(ip, config.network_of(version))
+            if problem is not None:
+                return f"{public_ip_name(version)} {ip} {problem}"
     if lease.attrs.backend_type != config.backend_type:
         return f"backend type {lease.attrs.backend_type!r} is not {config.backend_type!r}"
     mine = names_this_host(own, lease, host_addresses)
@@ -162,8 +190,8 @@ def valid_peers(
     addresses = tuple(host_addresses)
     candidates = []
     for lease in leases:
-        if lease.key == own.key:
-            continue
+        if lease.key == own.key or lease.key in own.keys:
+            continue  # this host's own lease (a dual-stack host holds one key per family)
         if lease.is_reservation and not lease.attrs.backend_type:
             continue  # reserved, owner not running yet
         reason = invalid_reason(config, network, own, lease, addresses)

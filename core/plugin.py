@@ -825,7 +825,7 @@ class Backend(Plugin):
         return {}
 
     @classmethod
-    def probe_address(cls, lease: Lease) -> IPv4Address | None:
+    def probe_address(cls, lease: Lease) -> IPv4Address | IPv6Address | None:
         """The overlay address ``overlayd check`` pings to test the path to *lease*'s host.
 
         Pure, like :meth:`describe`.  The default is the subnet's first address (``.1``), where

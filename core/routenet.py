@@ -11,12 +11,20 @@ routetable and flannel's ``pkg/backend/route_network.go`` share the idea).  A ba
   contested kernel slot.  Pure.
 * ``actual_state`` / ``apply`` / ``teardown`` through :mod:`overlayd.netlink`, idempotent;
   ``apply`` writes in batches (:func:`overlayd.netlink.apply_batch`).
-* ``kernel_cache``: the daemon keeps our routes (and, with :meth:`RouteNetwork.owned_device`,
+* ``kernel_cache``: the daemon keeps our routes (and, with :meth:`RouteNetwork.owned_devices`,
   that device's neighbour and FDB entries) in a cache fed by netlink notifications, so a pass
   costs what changed, not what exists.
 * the on-link test host-gw and DirectRouting need (:meth:`RouteNetwork.on_link`): is a peer's
   PublicIP inside a subnet connected to the underlay interface?  The connected subnets are read
   once in ``prepare``/``activate`` (:meth:`RouteNetwork.refresh_connected`).
+
+**Dual stack, one code path.**  A peer lease holds one family (one store key) or both (a
+Kubernetes Node); :meth:`RouteNetwork.desired_state` loops over ``lease.families`` that this
+network carries (:attr:`RouteNetwork.families`) and asks ``route_for(lease, family)`` /
+``objects_for(lease, family)`` with the family as a parameter, as the kernel and pyroute2 do.
+The underlay address of family *f* is ``attrs.public_ip_of(f)`` (a v6 overlay over the v6
+underlay: ``PublicIPv6``), and :meth:`RouteNetwork.on_link` knows the underlay's prefixes of
+both families.
 
 A backend that programs more than routes per peer (vxlan: a neighbour and an FDB entry too)
 overrides :meth:`RouteNetwork.objects_for` and extends ``actual_state``/``apply``/``teardown``
@@ -30,7 +38,7 @@ from __future__ import annotations
 import abc
 import logging
 from collections.abc import Iterable, Sequence
-from ipaddress import IPv4Address, IPv4Network, IPv6Address
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from typing import Any
 
 from . import netlink
@@ -51,33 +59,49 @@ class RouteNetwork(Network):
     protocol: int = RTPROT_OVERLAYD
     table: int = RT_TABLE_MAIN
 
-    def __init__(self, host: HostInfo, *, connected: Iterable[IPv4Network] = (), offline: bool = False) -> None:
+    def __init__(
+        self,
+        host: HostInfo,
+        *,
+        connected: Iterable[IPv4Network | IPv6Network] = (),
+        offline: bool = False,
+        families: Iterable[int] = (4,),
+    ) -> None:
         self.host = host
-        #: IPv4 subnets on the underlay interface, for :meth:`on_link`.
-        self.connected = frozenset(connected)
+        #: Subnets (IPv4 and IPv6) on the underlay interface, for :meth:`on_link`.
+        self.connected: frozenset[IPv4Network | IPv6Network] = frozenset(connected)
+        #: The overlay families this network carries (the config's ``families``).
+        self.families = tuple(families)
         #: A planning-only network (dry runs): ``apply``, ``activate`` and ``teardown`` refuse to run.
         self.offline = offline
 
     # -- what a subclass writes ---------------------------------------------------------------
 
     @abc.abstractmethod
-    def route_for(self, lease: Lease) -> Route | None:
-        """The one route for a valid peer *lease*, or None to route nothing to it."""
+    def route_for(self, lease: Lease, family: int) -> Route | None:
+        """The one route to a valid peer *lease*'s subnet of overlay *family* (4 or 6), or None
+        to route nothing to it."""
 
-    def objects_for(self, lease: Lease) -> Iterable[KernelObject]:
-        """Every kernel object for a valid peer; override to add more than the route."""
-        route = self.route_for(lease)
+    def objects_for(self, lease: Lease, family: int) -> Iterable[KernelObject]:
+        """Every kernel object for a valid peer's *family*; override to add more than the route."""
+        route = self.route_for(lease, family)
         return () if route is None else (route,)
 
     # -- helpers ------------------------------------------------------------------------------
 
-    def underlay_ip(self, lease: Lease) -> IPv4Address | IPv6Address | None:
-        """The peer's address on the underlay: its PublicIP."""
-        return lease.attrs.public_ip
+    def underlay_ip(self, lease: Lease, family: int) -> IPv4Address | IPv6Address | None:
+        """The peer's underlay address for its overlay *family*: PublicIP, or PublicIPv6 for IPv6."""
+        return lease.attrs.public_ip_of(family)
 
     def on_link(self, ip: IPv4Address | IPv6Address) -> bool:
-        """True when *ip* lies in a subnet connected to the underlay interface."""
-        return isinstance(ip, IPv4Address) and any(ip in net for net in self.connected)
+        """True when *ip* lies in a subnet (of its family) connected to the underlay interface."""
+        return any(ip.version == net.version and ip in net for net in self.connected)
+
+    def is_own(self, own: Lease, lease: Lease) -> bool:
+        """Is *lease* (one key of) this host's own lease, or holding one of its subnets?"""
+        if lease.key == own.key or lease.key in own.keys:
+            return True
+        return any(lease.subnet_of(v) is not None and lease.subnet_of(v) == own.subnet_of(v) for v in lease.families)
 
     def refresh_connected(self) -> None:
         """Re-read the underlay interface's connected subnets (after its addresses may have changed)."""
@@ -99,7 +123,7 @@ class RouteNetwork(Network):
         host_addresses = (self.host.public_ip, self.host.iface_addr, self.host.public_ipv6)
         out: dict[Any, KernelObject] = {}
         for lease in sorted(peers, key=lambda lease: lease.key):
-            if lease.key == own.key or (own.subnet is not None and lease.subnet == own.subnet):
+            if self.is_own(own, lease):
                 continue
             if names_this_host(own, lease, host_addresses) is not None:
                 continue  # a stale lease of this very host: routing to ourselves would loop
@@ -107,21 +131,24 @@ class RouteNetwork(Network):
                 self.check_peer(lease)
             except GarbledLease:
                 continue  # never program what cannot be justified; the daemon reports it
-            for obj in self.objects_for(lease):
-                out.setdefault(obj.key, obj)  # first lease (by key) wins a contested slot
+            for family in lease.families:
+                if family not in self.families:
+                    continue  # a family this network does not carry (peers.valid_peers reports it)
+                for obj in self.objects_for(lease, family):
+                    out.setdefault(obj.key, obj)  # first lease (by key) wins a contested slot
         return frozenset(out.values())
 
-    def owned_device(self) -> str | None:
-        """The device whose permanent neighbour and FDB entries are ours (vxlan's), or None."""
-        return None
+    def owned_devices(self) -> tuple[str, ...]:
+        """The devices whose permanent neighbour and FDB entries are ours (vxlan's, one per family)."""
+        return ()
 
     def kernel_cache(self) -> KernelScope | None:
         if self.offline:
             return None
-        return KernelScope(device=self.owned_device(), protocol=self.protocol, table=self.table)
+        return KernelScope(devices=self.owned_devices(), protocol=self.protocol, table=self.table)
 
     def read_routes(self) -> frozenset[Route]:
-        """Our routes as the kernel has them now."""
+        """Our routes (IPv4 and IPv6) as the kernel has them now."""
         with netlink.iproute() as ipr:
             return netlink.read_routes(ipr, protocol=self.protocol, table=self.table)
 

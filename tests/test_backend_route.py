@@ -52,9 +52,10 @@ class TinyRouteNetwork(RouteNetwork):
         if ip is None or not self.on_link(ip):
             raise GarbledLease(f"lease {lease.key}: PublicIP {ip} is not on-link on {self.host.iface}")
 
-    def route_for(self, lease: Lease) -> Route | None:
-        assert lease.subnet is not None
-        return Route(dst=lease.subnet, gateway=lease.attrs.public_ip, dev=self.host.iface, metric=self.metric)
+    def route_for(self, lease: Lease, family: int) -> Route | None:
+        subnet = lease.subnet_of(family)
+        assert subnet is not None
+        return Route(dst=subnet, gateway=lease.attrs.public_ip_of(family), dev=self.host.iface, metric=self.metric)
 
 
 class TinyRouteBackend(Backend):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
-from ipaddress import IPv4Address, IPv4Network, IPv6Address
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from typing import Any
 
 import attrs
@@ -55,14 +55,13 @@ PEER_C = lease("10.44.3.0/24", "198.51.100.3", MAC_C)
 
 
 def offline_network(direct_routing: bool = False, vni: int = 1) -> VxlanNetwork:
-    from overlayd.backends.vxlan import DeviceSpec
+    from overlayd.backends.vxlan import DeviceSpec, Vtep
 
     settings = VxlanSettings(vni=vni, port=8472, mtu=0, gbp=False, direct_routing=direct_routing)
     host = HostInfo("eth0", 2, 1500, IPv4Address("192.0.2.1"), iface_addr=IPv4Address("192.0.2.1"))
     spec = DeviceSpec(f"flannel.{vni}", vni, IPv4Address("192.0.2.1"), 2, 8472, False, 1450)
-    return VxlanNetwork(
-        settings, host, spec, MacAddress.parse("0a:00:00:00:00:0a"), frozenset({IPv4Network("192.0.2.0/24")})
-    )
+    vtep = Vtep(spec, MacAddress.parse("0a:00:00:00:00:0a"))
+    return VxlanNetwork(settings, host, [vtep], frozenset({IPv4Network("192.0.2.0/24")}))
 
 
 def test_plan_desired_state_and_second_pass_empty() -> None:
@@ -126,13 +125,13 @@ def test_settings_config_keys_win_over_options() -> None:
 
 
 def test_plan_over_an_ipv6_underlay_uses_public_ipv6() -> None:
-    from overlayd.backends.vxlan import DeviceSpec, vxlan_mtu
+    from overlayd.backends.vxlan import DeviceSpec, Vtep, vxlan_mtu
 
     local6 = IPv6Address("2001:db8::1")
     settings = VxlanSettings(vni=1, port=8472, mtu=0, gbp=False, direct_routing=True)
     host = HostInfo("eth0", 2, 1500, None, public_ipv6=local6)
     spec = DeviceSpec("flannel.1", 1, local6, 2, 8472, False, vxlan_mtu(1500, ipv6_underlay=True))
-    net = VxlanNetwork(settings, host, spec, MacAddress.parse("0a:00:00:00:00:0a"), frozenset())
+    net = VxlanNetwork(settings, host, [Vtep(spec, MacAddress.parse("0a:00:00:00:00:0a"))], frozenset())
     assert net.mtu == 1430
     peer = attrs.evolve(PEER_B, attrs=attrs.evolve(PEER_B.attrs, public_ipv6=IPv6Address("2001:db8::2")))
     assert FdbEntry(MAC_B, IPv6Address("2001:db8::2"), "flannel.1") in net.desired_state(OWN, [peer])
@@ -556,3 +555,67 @@ def test_apply_plan_errno_handling() -> None:
         netlink.apply_plan(RecordingIPRoute({("fdb", "replace"): errno.EOPNOTSUPP}), _mixed_plan())
     with pytest.raises(KernelError, match=r"route .*\(errno 1\).*CAP_NET_ADMIN"):
         netlink.apply_plan(RecordingIPRoute({("route", "replace"): errno.EPERM}), _mixed_plan())
+
+
+# -- dual stack: planning and settings (the kernel side is in tests/test_dualstack_kernel.py) ------------
+
+DUAL = NetworkConfig.from_dict({"Network": "10.44.0.0/16", "EnableIPv6": True, "IPv6Network": "fd00::/48"})
+DUAL_HOST = HostInfo("eth0", 0, 1500, IPv4Address("192.0.2.1"), IPv6Address("2001:db8::1"), IPv4Address("192.0.2.1"))
+
+
+def test_dual_stack_offline_network_has_one_device_per_family() -> None:
+    from overlayd.backends.vxlan import device_name, vxlan_mtu
+
+    own = attrs.evolve(OWN, ipv6_subnet=IPv6Network("fd00:0:0:1::/64"))
+    net = VxlanBackend(VxlanOptions(vni=4)).offline(DUAL, DUAL_HOST, own)
+    assert isinstance(net, VxlanNetwork)
+    assert net.owned_devices() == ("flannel.4", "flannel-v6.4") == (device_name(4, 4), device_name(4, 6))
+    assert [v.spec.mtu for v in net.vteps.values()] == [1450, 1430] and net.mtu == 1430 == vxlan_mtu(1500, True)
+    assert net.backend_v6_data == {"VNI": 4, "VtepMAC": str(derived_mac(4, IPv6Address("2001:db8::1")))}
+    assert net.vteps[6].spec.local == IPv6Address("2001:db8::1") and net.vteps[6].spec.family == 6
+    scope = net.kernel_cache()
+    assert scope is None  # planning only
+    v6only = NetworkConfig.from_dict({"EnableIPv4": False, "EnableIPv6": True, "IPv6Network": "fd00::/48"})
+    only6 = VxlanBackend(VxlanOptions()).offline(v6only, DUAL_HOST, own.only(6))
+    assert isinstance(only6, VxlanNetwork) and only6.owned_devices() == ("flannel-v6.1",)
+    assert only6.backend_data == {} and only6.device == "flannel-v6.1"
+
+
+def test_dual_stack_mtu_and_address_errors_name_the_v6_device() -> None:
+    own = attrs.evolve(OWN, ipv6_subnet=IPv6Network("fd00:0:0:1::/64"))
+    mtu1450 = NetworkConfig.from_dict({**DUAL.to_dict(), "Backend": {"Type": "vxlan", "MTU": 1450}})
+    with pytest.raises(ConfigError, match=r"MTU 1450 does not fit flannel-v6\.1 .* at most 1430"):
+        VxlanBackend(VxlanOptions()).offline(mtu1450, DUAL_HOST, own)
+    small = attrs.evolve(DUAL_HOST, iface_mtu=1300)
+    with pytest.raises(ConfigError, match=r"below IPv6's minimum of 1280.*at least 1350"):
+        VxlanBackend(VxlanOptions()).offline(DUAL, small, own)
+    with pytest.raises(ConfigError, match=r"no global IPv6 address.*--public-ipv6"):
+        VxlanBackend(VxlanOptions()).offline(DUAL, attrs.evolve(DUAL_HOST, public_ipv6=None), own)
+
+
+def test_dual_stack_direct_routing_and_describe() -> None:
+    from overlayd.backends.vxlan import DeviceSpec, Vtep
+
+    settings = VxlanSettings(vni=1, port=8472, mtu=0, gbp=False, direct_routing=True)
+    spec4 = DeviceSpec("flannel.1", 1, IPv4Address("192.0.2.1"), 2, 8472, False, 1450)
+    spec6 = DeviceSpec("flannel-v6.1", 1, IPv6Address("2001:db8::1"), 2, 8472, False, 1430, family=6)
+    vteps = [Vtep(spec4, MacAddress.parse("0a:00:00:00:00:0a")), Vtep(spec6, MacAddress.parse("0a:00:00:00:06:0a"))]
+    connected = frozenset({IPv4Network("192.0.2.0/24"), IPv6Network("2001:db8::/64")})
+    net = VxlanNetwork(settings, DUAL_HOST, vteps, connected)
+    near = Lease(
+        None,
+        LeaseAttrs(None, "vxlan", {}, IPv6Address("2001:db8::2"), {"VNI": 1, "VtepMAC": MAC_B}),
+        None,
+        ipv6_subnet=IPv6Network("fd00:0:0:2::/64"),
+    )
+    far = attrs.evolve(near, ipv6_subnet=IPv6Network("fd00:0:0:3::/64"))
+    far = attrs.evolve(far, attrs=attrs.evolve(far.attrs, public_ipv6=IPv6Address("2001:db8:1::3")))
+    own = attrs.evolve(OWN, ipv6_subnet=IPv6Network("fd00:0:0:1::/64"))
+    assert net.desired_state(own, [near]) == {Route(IPv6Network("fd00:0:0:2::/64"), "eth0", IPv6Address("2001:db8::2"))}
+    assert FdbEntry(MAC_B, IPv6Address("2001:db8:1::3"), "flannel-v6.1") in net.desired_state(own, [far])
+    merged = attrs.evolve(near, subnet=IPv4Network("10.44.2.0/24"))
+    merged = attrs.evolve(merged, attrs=attrs.evolve(merged.attrs, backend_data={"VtepMAC": MAC_C}))
+    assert VxlanBackend.describe(merged) == {"VtepMAC": f"{MAC_C} {MAC_B}"}
+    assert VxlanBackend.describe(near) == {"VtepMAC": MAC_B}
+    assert VxlanBackend.probe_address(near) == IPv6Address("fd00:0:0:2::")
+    assert VxlanBackend.probe_address(merged) == IPv4Address("10.44.2.0")

@@ -269,6 +269,55 @@ def test_masquerade_lets_containers_reach_an_outside_with_no_route_back(
     assert pings(ctr, "10.244.1.1")
 
 
+@pytest.fixture
+def nat6_topology(netns_factory: Callable[..., str]) -> tuple[str, str, str]:
+    """The IPv6 twin of :func:`nat_topology`: container (fd00:0:0:1::2) -- host (fd00:0:0:1::1 |
+    2001:db8::1) -- outside (2001:db8::2), which has no route to fd00::/48."""
+    ctr, host, out = netns_factory("c6"), netns_factory("h6"), netns_factory("o6")
+    veth(ctr, "eth0", host, "cni0")
+    veth(host, "eth0", out, "eth0")
+    for ns, dev, addr in (
+        (ctr, "eth0", "fd00:0:0:1::2/64"),
+        (host, "cni0", "fd00:0:0:1::1/64"),
+        (host, "eth0", "2001:db8::1/64"),
+        (out, "eth0", "2001:db8::2/64"),
+    ):
+        run(ns, "ip", "-6", "addr", "add", addr, "dev", dev, "nodad")
+    run(ctr, "ip", "-6", "route", "add", "default", "via", "fd00:0:0:1::1")
+    run(host, "sysctl", "-qw", "net.ipv6.conf.all.forwarding=1")
+    return ctr, host, out
+
+
+def v6_masq(**over: Any) -> dict[str, Any]:
+    rs: dict[str, Any] = {"network": "fd00::/48", "subnet": "fd00:0:0:1::/64", "ip_masq": True, "forward": True}
+    rs.update(over)
+    return rs
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_ipv6_masquerade_lets_containers_reach_an_outside_with_no_route_back(
+    nat6_topology: tuple[str, str, str], kind: str
+) -> None:
+    ctr, host, out = nat6_topology
+    fw(host, kind, "ensure", **v6_masq(ip_masq=False))
+    assert not run(ctr, "ping", "-6", "-c1", "-W1", "2001:db8::2", check=False).returncode == 0
+    fw(host, kind, "ensure", **v6_masq())
+    assert_matches(host, kind, v6_masq())
+    # a reply came back although the outside has no route to fd00::/48: it saw the host's address
+    assert run(ctr, "ping", "-6", "-c1", "-W1", "2001:db8::2", check=False).returncode == 0
+    assert "fd00" not in run(out, "ip", "-6", "route", "show").stdout
+    # inside the network nothing is rewritten: the container reaches the host's overlay address
+    assert run(ctr, "ping", "-6", "-c1", "-W1", "fd00:0:0:1::1", check=False).returncode == 0
+    if kind == "nftables":
+        text = run(host, "nft", "list", "table", "ip6", "overlayd").stdout
+        assert "ip6 saddr fd00::/48 ip6 daddr != ff00::/8 masquerade" in text
+    else:
+        assert (
+            "-A OVERLAYD-POSTRTG -s fd00::/48 ! -d ff00::/8 -j MASQUERADE"
+            in run(host, "ip6tables-save", "-t", "nat").stdout
+        )
+
+
 ECHO = """
 import socket, sys
 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from overlayd import netlink, plan
-from overlayd.backends.vxlan import DeviceSpec, VxlanBackend, VxlanNetwork, VxlanOptions, VxlanSettings
+from overlayd.backends.vxlan import DeviceSpec, Vtep, VxlanBackend, VxlanNetwork, VxlanOptions, VxlanSettings
 from overlayd.config import NetworkConfig
 from overlayd.incremental import DesiredIndex, Reconciler, SlotSet, full_plan, incremental_plan
 from overlayd.kernelcache import KernelCache
@@ -36,9 +36,8 @@ def network() -> VxlanNetwork:
     settings_ = VxlanSettings(vni=1, port=8472, mtu=0, gbp=False, direct_routing=True)
     host = HostInfo("eth0", 2, 1500, IPv4Address("192.0.2.1"), iface_addr=IPv4Address("192.0.2.1"))
     spec = DeviceSpec("flannel.1", 1, IPv4Address("192.0.2.1"), 2, 8472, False, 1450)
-    return VxlanNetwork(
-        settings_, host, spec, MacAddress.parse("0a:00:00:00:00:0a"), frozenset({IPv4Network("192.0.2.0/24")})
-    )
+    vtep = Vtep(spec, MacAddress.parse("0a:00:00:00:00:0a"))
+    return VxlanNetwork(settings_, host, [vtep], frozenset({IPv4Network("192.0.2.0/24")}))
 
 
 def lease(n: int, mac: str, ip: str) -> Lease:

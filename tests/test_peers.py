@@ -7,14 +7,14 @@ from __future__ import annotations
 
 import json
 import random
-from ipaddress import IPv4Address, IPv4Network, IPv6Address
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from typing import Any
 
 import attrs
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from overlayd.backends.vxlan import DeviceSpec, VxlanNetwork, VxlanSettings
+from overlayd.backends.vxlan import DeviceSpec, Vtep, VxlanNetwork, VxlanSettings
 from overlayd.config import NetworkConfig
 from overlayd.errors import GarbledLease
 from overlayd.kernel import FdbEntry, MacAddress, Neighbour, Route
@@ -31,9 +31,8 @@ def vxlan(direct_routing: bool = False) -> VxlanNetwork:
     settings = VxlanSettings(vni=1, port=8472, mtu=0, gbp=False, direct_routing=direct_routing)
     host = HostInfo("eth0", 2, 1500, IPv4Address("192.0.2.1"), iface_addr=IPv4Address("192.0.2.1"))
     spec = DeviceSpec("flannel.1", 1, IPv4Address("192.0.2.1"), 2, 8472, False, 1450)
-    return VxlanNetwork(
-        settings, host, spec, MacAddress.parse(OWN_MAC), frozenset({IPv4Network("192.0.2.0/24")}), offline=True
-    )
+    vtep = Vtep(spec, MacAddress.parse(OWN_MAC))
+    return VxlanNetwork(settings, host, [vtep], frozenset({IPv4Network("192.0.2.0/24")}), offline=True)
 
 
 def lease(subnet: str, public_ip: Any, mac: str = MAC_1, created: int = 0, revision: int = 0) -> Lease:
@@ -286,3 +285,107 @@ def test_cli_refuses_impossible_public_ips(tmp_path: Any, args: tuple[str, ...],
     assert result.returncode == 2, result
     assert message in result.stderr and "Traceback" not in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+# -- dual stack: per-family leases, PublicIPv6, per-family VtepMAC claims -------------------------------
+
+DUAL = NetworkConfig.from_dict({"Network": "10.44.0.0/16", "EnableIPv6": True, "IPv6Network": "fd00::/48"})
+OWN6_MAC = "0a:00:00:00:06:0a"
+
+
+def vxlan_dual() -> VxlanNetwork:
+    settings = VxlanSettings(vni=1, port=8472, mtu=0, gbp=False, direct_routing=False)
+    host = HostInfo("eth0", 2, 1500, IPv4Address("192.0.2.1"), IPv6Address("2001:db8::1"), IPv4Address("192.0.2.1"))
+    spec4 = DeviceSpec("flannel.1", 1, IPv4Address("192.0.2.1"), 2, 8472, False, 1450)
+    spec6 = DeviceSpec("flannel-v6.1", 1, IPv6Address("2001:db8::1"), 2, 8472, False, 1430, family=6)
+    vteps = [Vtep(spec4, MacAddress.parse(OWN_MAC)), Vtep(spec6, MacAddress.parse(OWN6_MAC))]
+    return VxlanNetwork(settings, host, vteps, frozenset({IPv4Network("192.0.2.0/24")}), offline=True)
+
+
+def dual_lease(n: int, ip6: Any = None, mac: str = MAC_1, mac6: str = "0a:00:00:00:06:01", created: int = 0) -> Lease:
+    """Host *n*'s merged lease (both subnets, one attrs document with both backend data)."""
+    ip6 = IPv6Address(ip6 or f"2001:db8::{n}") if not isinstance(ip6, IPv6Address) else ip6
+    attrs_ = LeaseAttrs(
+        IPv4Address(f"192.0.2.{n}"),
+        "vxlan",
+        {"VNI": 1, "VtepMAC": mac},
+        public_ipv6=ip6,
+        backend_v6_data={"VNI": 1, "VtepMAC": mac6},
+    )
+    v6 = IPv6Network(f"fd00:0:0:{n}::/64")
+    return Lease(IPv4Network(f"10.44.{n}.0/24"), attrs_, None, ipv6_subnet=v6, created_revision=created)
+
+
+OWN_DUAL = dual_lease(1, mac=OWN_MAC, mac6=OWN6_MAC, created=1)
+
+
+def test_dual_stack_peer_is_two_leases_programmed_per_family() -> None:
+    net = vxlan_dual()
+    peer = dual_lease(2)
+    reports = Reports()
+    leases = [OWN_DUAL.only(4), OWN_DUAL.only(6), peer.only(4), peer.only(6)]
+    valid = valid_peers(DUAL, net, OWN_DUAL, leases, reports)
+    assert reports.seen == [] and [p.families for p in valid] == [(4,), (6,)]
+    v6 = net.desired_state(OWN_DUAL, [peer.only(6)])  # depends on that one peer lease only
+    assert v6 == {
+        Route(IPv6Network("fd00:0:0:2::/64"), "flannel-v6.1", IPv6Address("fd00:0:0:2::"), onlink=True),
+        Neighbour(IPv6Address("fd00:0:0:2::"), "0a:00:00:00:06:01", "flannel-v6.1"),
+        FdbEntry("0a:00:00:00:06:01", IPv6Address("2001:db8::2"), "flannel-v6.1"),
+    }
+    assert net.desired_state(OWN_DUAL, valid) == v6 | net.desired_state(OWN_DUAL, [peer.only(4)])
+    # a Kubernetes Node with both pod CIDRs is one lease with both families: the same objects
+    assert net.desired_state(OWN_DUAL, [peer]) == net.desired_state(OWN_DUAL, valid)
+    assert net.desired_state(OWN_DUAL, [OWN_DUAL.only(6)]) == frozenset()
+
+
+IMPOSSIBLE6 = ["::", "::1", "fe80::1", "ff02::1", "fd00:0:0:9::1"]
+
+
+@pytest.mark.parametrize("ip6", IMPOSSIBLE6)
+def test_impossible_public_ipv6_skips_the_v6_lease_once(ip6: str) -> None:
+    net = vxlan_dual()
+    bad = dual_lease(3, ip6=ip6)
+    reports = Reports()
+    valid = valid_peers(DUAL, net, OWN_DUAL, [bad.only(6), dual_lease(2).only(6)], reports)
+    assert [p.key for p in valid] == ["fd00:0:0:2::-64"]
+    assert len(reports.seen) == 1 and reports.seen[0][2].startswith(f"PublicIPv6 {ip6} is ")
+
+
+def test_v6_lease_without_public_ipv6_or_outside_the_network_is_skipped() -> None:
+    net = vxlan_dual()
+    no_ip6 = attrs.evolve(dual_lease(3), attrs=attrs.evolve(dual_lease(3).attrs, public_ipv6=None))
+    outside = attrs.evolve(dual_lease(4), ipv6_subnet=IPv6Network("fd01:0:0:4::/64"))
+    reports = Reports()
+    assert valid_peers(DUAL, net, OWN_DUAL, [no_ip6.only(6), outside.only(6), no_ip6.only(4)], reports) == [
+        no_ip6.only(4)
+    ]
+    reasons = [why for _, _, why in reports.seen]
+    assert reasons == ["it has no PublicIPv6", "subnet fd01:0:0:4::/64 is outside network fd00::/48 or not a /64"]
+    # a v6 lease in a network that does not enable IPv6
+    assert valid_peers(CONFIG, vxlan(), OWN, [dual_lease(2).only(6)], reports) == []
+    assert "does not enable" in reports.seen[-1][2]
+
+
+def test_vtep_macs_are_claimed_per_family() -> None:
+    net = vxlan_dual()
+    # the same MAC value on the v4 device of one host and the v6 device of another: no conflict
+    a = dual_lease(2, mac="0a:00:00:00:00:22", mac6="0a:00:00:00:06:22", created=5)
+    b = dual_lease(3, mac="0a:00:00:00:06:22", mac6="0a:00:00:00:06:33", created=6)
+    copycat = dual_lease(4, mac="0a:00:00:00:00:44", mac6="0a:00:00:00:06:22", created=7)
+    stealer = dual_lease(5, mac="0a:00:00:00:00:55", mac6=OWN6_MAC, created=2)
+    reports = Reports()
+    leases = [lease_.only(v) for lease_ in (a, b, copycat, stealer) for v in (4, 6)]
+    valid = valid_peers(DUAL, net, OWN_DUAL, leases, reports)
+    assert sorted(reports.keys()) == ["fd00:0:0:4::-64", "fd00:0:0:5::-64"]
+    why = dict((key, reason) for key, _, reason in reports.seen)
+    assert why["fd00:0:0:4::-64"].startswith(
+        "its v6 VtepMAC 0a:00:00:00:06:22 is already claimed by the older lease fd00:0:0:2::-64"
+    )
+    assert why["fd00:0:0:5::-64"].startswith(f"its v6 VtepMAC {OWN6_MAC} is this host's own")
+    assert len(valid) == 6
+    with pytest.raises(GarbledLease, match="BackendV6Data VtepMAC"):
+        net.check_peer(dual_lease(6, mac6="01:00:5e:00:00:01").only(6))
+    bad_vni = attrs.evolve(a, attrs=attrs.evolve(a.attrs, backend_v6_data={"VNI": 2, "VtepMAC": "0a:00:00:00:06:22"}))
+    with pytest.raises(GarbledLease, match="BackendV6Data VNI 2"):
+        net.check_peer(bad_vni.only(6))
+    net.check_peer(bad_vni.only(4))  # the v4 lease of that host is fine

@@ -6,10 +6,6 @@ store and etcd.
 Everything is read back independently of the daemons: the subnet files, routes and devices with
 ``ip`` inside the host namespaces, the leases straight from the store (SQLite through the store
 plugin, etcd with ``etcdctl``), reachability with ``ping``/``ping -6`` between the containers.
-
-These tests are marked ``dualstack_pending``: they need the IPv6 lease layer and the IPv6 kernel
-side (``flannel-v6.<VNI>``, host-gw v6 routes), which land separately; ``make test`` deselects the
-marker until then.  They are never skipped.
 """
 
 from __future__ import annotations
@@ -29,7 +25,7 @@ import pytest
 from overlayd import _topology as topo
 from overlayd import open_store
 
-pytestmark = [pytest.mark.root, pytest.mark.dualstack_pending, pytest.mark.timeout(300)]
+pytestmark = [pytest.mark.root, pytest.mark.timeout(300)]
 
 V4_NETWORK = "10.244.0.0/16"
 V6_NETWORK = "fd00::/48"
