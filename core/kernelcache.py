@@ -211,11 +211,12 @@ class KernelCache:
         #: True when notifications were lost (ENOBUFS) or cannot be interpreted: resync.
         self.needs_resync = True
         #: Counts a device that carried our objects when it went down coming up again, and then
-        #: the kernel's first route through it (its connected route: gateways reachable again):
+        #: the kernel's first route of each family through it (its connected route: gateways
+        #: reachable again):
         #: writes through it that failed while it was down can succeed now, don't wait to retry.
         self.devices_back = 0
         self._flushed: set[str] = set()  # devices that went down under our objects
-        self._returning: set[int] = set()  # those that came up, until a route through them appears
+        self._returning: set[tuple[int, int]] = set()  # (index, family): up, no route of that family yet
         #: Counters for logs, tests and benches.
         self.overruns = 0
         self.dumps = 0
@@ -489,8 +490,8 @@ class KernelCache:
             if self._returning and kind == RTM_NEWROUTE:
                 attrs = _attrs(data, body + _RTMSG.size, end)
                 oif = _U32.unpack_from(attrs[RTA_OIF])[0] if RTA_OIF in attrs else None
-                if oif in self._returning:
-                    self._returning.discard(oif)
+                if (oif, data[body]) in self._returning:  # rtmsg's first byte: the family
+                    self._returning.discard((oif, data[body]))
                     self.devices_back += 1
             route = self._route(data, body, end)
             if isinstance(route, Route):
@@ -535,7 +536,7 @@ class KernelCache:
             self._flushed.add(name)
         elif up and not was_up and name in self._flushed:
             self._flushed.discard(name)
-            self._returning.add(index)
+            self._returning.update((index, family) for family in (socket.AF_INET, socket.AF_INET6))
             self.devices_back += 1
 
     def _uses(self, dev: str) -> bool:
