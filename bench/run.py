@@ -16,6 +16,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 BENCHES = [
     ("throughput: vxlan and host-gw vs the underlay", ["throughput.py"]),
+    ("vxlan over IPv4 and over IPv6 vs their underlays", ["vxlan_dualstack.py"]),
     ("udp backend: underlay vs vxlan vs udp plain vs udp offload", ["udp.py"]),
     (
         "control plane at scale: N = 100 / 1000 / 5000 peers",

@@ -881,6 +881,10 @@ class Cluster:
 
     @property
     def etcd_endpoint(self) -> str:
+        """The client URL of the etcd in the store namespace; every member's, comma-separated, for a cluster."""
+        members = getattr(self.etcd, "members", None)
+        if members:
+            return ",".join(m.endpoint for m in members)
         host = str(self.store_address) if self.ipv4 else f"[{self.store_address}]"
         return f"http://{host}:{ETCD_CLIENT_PORT}"
 
@@ -890,19 +894,33 @@ class Cluster:
         self.processes.append(proc)
         return proc
 
-    def start_etcd(self, timeout: float = 30.0) -> None:
+    def start_etcd(self, timeout: float = 30.0, *, members: int = 1) -> None:
         """A single-member etcd in the store namespace, serving on the underlay address.
 
         ``overlayd._lab.etcd.EtcdServer`` with an ``ip netns exec`` command prefix; its health
         check then runs through the same prefix, inside the store namespace (from the caller's
-        namespace the underlay address is not reachable).
+        namespace the underlay address is not reachable).  With *members* > 1, an
+        ``EtcdCluster`` of that many members on consecutive ports from 2379 there instead;
+        ``etcd_endpoint`` then lists them all.
         """
         if self.store_ns is None:
             raise TopologyError("this cluster was built without a store namespace (store_ns=True)")
         if not Path(shutil.which("etcd") or "/usr/bin/etcd").exists():
             raise TopologyError("the etcd binary is missing (apt-get install etcd-server)")
-        from ._lab.etcd import EtcdError, EtcdServer
+        from ._lab.etcd import EtcdCluster, EtcdError, EtcdServer
 
+        if members > 1:
+            self.etcd = EtcdCluster(
+                members,
+                listen_host=str(self.store_address),
+                base_port=ETCD_CLIENT_PORT,
+                command_prefix=["ip", "netns", "exec", self.store_ns],
+            )
+            try:
+                self.etcd.start(timeout)
+            except EtcdError as exc:
+                raise TopologyError(str(exc)) from exc
+            return
         self.etcd = EtcdServer(
             name=f"{self.prefix}etcd",
             listen_host=str(self.store_address),
@@ -958,8 +976,9 @@ class Cluster:
             with contextlib.suppress(Exception):
                 self.etcd.kill()
                 self.etcd.stop()
-            with contextlib.suppress(Exception):
-                Path(self.etcd.log_path).unlink(missing_ok=True)  # it sits in /tmp when data_dir is ours
+            for server in getattr(self.etcd, "members", [self.etcd]):
+                with contextlib.suppress(Exception):
+                    Path(server.log_path).unlink(missing_ok=True)  # it sits in /tmp when data_dir is ours
         existing = set(list_netns())
         for ns in reversed(self.namespaces):
             if ns in existing:

@@ -506,6 +506,7 @@ class Daemon:
         built_for: Any = None  # (key, subnet, attrs) of the own lease the desired index was built for
         next_audit = float("-inf")
         listings = 0
+        retry = False  # the last pass failed and has been backed off from: run the next one at once
         while not stop.is_set():
             try:
                 fresh = kernel.fileno_or_none() is None
@@ -516,7 +517,7 @@ class Daemon:
                 if audit:
                     leases.invalidate()  # the next poll lists the store
                 started = time.monotonic()
-                if leases.poll(0.0 if audit else self._poll_timeout()) and not audit:
+                if leases.poll(0.0 if audit or retry else self._poll_timeout()) and not audit:
                     stop.wait(DEBOUNCE)  # let a burst of writes land in one pass
                     leases.poll(0.0)
                 polled = time.monotonic()
@@ -581,6 +582,7 @@ class Daemon:
                 self.status.last_reconcile = time.monotonic()
                 self.status.peers_programmed = len(self.valid_peer_leases)
                 backoff.reset()
+                retry = False
             except TransientError as exc:
                 self._note_error(exc)
                 self.status.store_healthy = False
@@ -593,7 +595,23 @@ class Daemon:
                 if isinstance(exc, StoreCorrupted):
                     self.status.store_healthy = False
                     self.metrics.store_up(False)  # metrics
-                stop.wait(backoff.next())
+                self._back_off_from_kernel(kernel, backoff.next(), stop)
+                retry = True
+
+    def _back_off_from_kernel(self, kernel: KernelCache, seconds: float, stop: threading.Event) -> None:
+        """Wait *seconds* after a failed pass, or less when a device that our objects went
+        through comes back up (host-gw's routes while the underlay was down: retry at once)."""
+        back = kernel.devices_back
+        deadline = time.monotonic() + seconds
+        while not stop.is_set() and (remaining := deadline - time.monotonic()) > 0:
+            fileno = kernel.fileno_or_none()
+            if fileno is None:
+                stop.wait(remaining)
+                return
+            select.select([fileno], [], [], min(remaining, WAIT_SLICE))
+            kernel.drain()
+            if kernel.devices_back != back:
+                return
 
     _tally_at = float("-inf")  # when the kernel-entry gauges were last counted in full
     _tally_due = True

@@ -48,6 +48,7 @@ from __future__ import annotations
 import errno
 import ipaddress
 import logging
+import os
 import socket
 import struct
 import time
@@ -66,6 +67,7 @@ from .netlink import (
     MacAddress,
     Neighbour,
     Route,
+    injected_fault,
 )
 
 log = logging.getLogger(__name__)
@@ -208,6 +210,13 @@ class KernelCache:
         self._synced_at: float | None = None
         #: True when notifications were lost (ENOBUFS) or cannot be interpreted: resync.
         self.needs_resync = True
+        #: Counts a device that carried our objects when it went down coming up again, and then
+        #: the kernel's first route of each family through it (its connected route: gateways
+        #: reachable again):
+        #: writes through it that failed while it was down can succeed now, don't wait to retry.
+        self.devices_back = 0
+        self._flushed: set[str] = set()  # devices that went down under our objects
+        self._returning: set[tuple[int, int]] = set()  # (index, family): up, no route of that family yet
         #: Counters for logs, tests and benches.
         self.overruns = 0
         self.dumps = 0
@@ -360,9 +369,22 @@ class KernelCache:
         assert sock is not None
         self._seq += 1
         seq = self._seq
-        sock.send(_HDR.pack(_HDR.size + len(body), kind, NLM_F_REQUEST | NLM_F_DUMP, seq, 0) + body)
+        try:
+            sock.send(_HDR.pack(_HDR.size + len(body), kind, NLM_F_REQUEST | NLM_F_DUMP, seq, 0) + body)
+        except OSError as exc:
+            raise KernelError(f"netlink dump (type {kind}) failed: {exc}") from exc
         while True:
-            data = sock.recv(1 << 20)
+            try:
+                fault, _ = injected_fault("dump")  # a test's seam: (0, 1) unless asked for
+                if fault:
+                    raise OSError(fault, os.strerror(fault))
+                data = sock.recv(1 << 20)
+            except OSError as exc:
+                # e.g. ENOBUFS: the dump is incomplete, so the cache keeps its old content, asks
+                # for another read, and the caller's pass fails as a KernelError (retried) instead
+                # of ending the daemon; a later dump skips this one's leftovers by sequence number
+                self.needs_resync = True
+                raise KernelError(f"netlink dump (type {kind}) failed: {exc}") from exc
             for mkind, flags, mseq, start, end in _messages(data):
                 if mseq != seq:
                     continue
@@ -465,6 +487,12 @@ class KernelCache:
         elif kind in (RTM_NEWLINK, RTM_DELLINK):
             self._on_link(kind, *self._link(data, body, end))
         elif kind in (RTM_NEWROUTE, RTM_DELROUTE):
+            if self._returning and kind == RTM_NEWROUTE:
+                attrs = _attrs(data, body + _RTMSG.size, end)
+                oif = _U32.unpack_from(attrs[RTA_OIF])[0] if RTA_OIF in attrs else None
+                if (oif, data[body]) in self._returning:  # rtmsg's first byte: the family
+                    self._returning.discard((oif, data[body]))
+                    self.devices_back += 1
             route = self._route(data, body, end)
             if isinstance(route, Route):
                 self._set(route.key, {route} if kind == RTM_NEWROUTE else set())
@@ -505,6 +533,11 @@ class KernelCache:
             self.needs_resync = True  # renamed under our objects
         elif was_up and not up and self._uses(name):
             self.needs_resync = True  # the kernel flushes routes through a down device silently
+            self._flushed.add(name)
+        elif up and not was_up and name in self._flushed:
+            self._flushed.discard(name)
+            self._returning.update((index, family) for family in (socket.AF_INET, socket.AF_INET6))
+            self.devices_back += 1
 
     def _uses(self, dev: str) -> bool:
         return any(obj.dev == dev for objs in self._slots.values() for obj in objs)

@@ -137,6 +137,37 @@ ADD_OK = frozenset({errno.EEXIST})
 DELETE_OK = frozenset({errno.ENOENT, errno.ESRCH, errno.ENODEV, errno.EADDRNOTAVAIL})
 
 
+# -- test-only fault injection ---------------------------------------------------------------------
+
+#: Names a file that makes the kernel "answer" requests with an error (issue 19's netlink faults).
+#: Read once, at import: a daemon started without it never looks at any file.  Each line of the
+#: file is ``write ERRNO [EVERY]`` (every EVERY-th write request of a batch is refused with ERRNO
+#: instead of being sent, as if the kernel refused that object) or ``dump ERRNO`` (the receive of
+#: every kernel dump fails with ERRNO, as ``recv`` would).  No file, no fault: a test removes it
+#: to end the fault.  This is the one seam, at the IO boundary; everything above it runs as is.
+FAULTS_ENV = "OVERLAYD_TEST_NETLINK_FAULTS"
+_fault_file = os.environ.get(FAULTS_ENV) or None
+
+
+def injected_fault(kind: str) -> tuple[int, int]:
+    """(errno, every) that the fault file asks for requests of *kind* (``write``, ``dump``); (0, 1) for none."""
+    if _fault_file is None:
+        return 0, 1
+    try:
+        with open(_fault_file) as f:
+            text = f.read(4096)
+    except OSError:
+        return 0, 1
+    for line in text.splitlines():
+        parts = line.split()
+        if len(parts) >= 2 and parts[0] == kind:
+            code = getattr(errno, parts[1], 0)
+            every = int(parts[2]) if len(parts) > 2 and parts[2].isdigit() and int(parts[2]) > 0 else 1
+            if isinstance(code, int) and code > 0:
+                return code, every
+    return 0, 1
+
+
 # -- errors ----------------------------------------------------------------------------------------
 
 
@@ -807,16 +838,21 @@ def apply_batch(plan: Plan[Any], chunk: int = BATCH_CHUNK) -> int:
     Opens a raw rtnetlink socket in the calling thread's network namespace, sends the requests
     in chunks of *chunk* (one ``send`` each) and collects every ack before the next chunk.  The
     kernel carries on after a failed request, so one bad object does not hold the others back;
-    the first failure is raised afterwards as a ``KernelError`` naming its object (the others
-    are logged).  Returns the number of requests sent.
+    the first failure is raised afterwards as a ``KernelError`` naming its object and counting
+    the others (logged at debug level).  Returns the number of requests sent.
     """
     failures: list[KernelError] = []
     requests: list[_Request] = []
+    fault, every = injected_fault("write")  # (0, 1) unless a test asks for refusals
     for item in _requests(plan):
         if isinstance(item, KernelError):
             failures.append(item)
+        elif fault and len(requests) % every == 0:
+            failures.append(kernel_error(item.what, fault, item.feature))
+            requests.append(_Request(item.what, item.ok, item.feature, b""))  # refused: never sent
         else:
             requests.append(item)
+    requests = [request for request in requests if request.data]
     if not requests and not failures:
         return 0
     sock = _batch_socket()
@@ -851,9 +887,12 @@ def apply_batch(plan: Plan[Any], chunk: int = BATCH_CHUNK) -> int:
                 raise KernelError(f"netlink batch ({len(part)} requests) failed: {exc}") from exc
     finally:
         sock.close()
+    # The caller logs the raised error (the daemon once per distinct text while it retries), so
+    # the others go to debug: at warning, a host-gw host with its underlay down logged one line
+    # per peer on every retry, once a second, for as long as the link stayed down.
     for failure in failures[1:]:
-        log.warning("%s", failure)
+        log.debug("%s", failure)
     if failures:
-        more = f" (and {len(failures) - 1} more, logged)" if len(failures) > 1 else ""
+        more = f" (and {len(failures) - 1} more, at debug level)" if len(failures) > 1 else ""
         raise KernelError(f"{failures[0]}{more}")
     return len(requests)

@@ -4,7 +4,7 @@ user error, never another exception.  A fixed, small budget keeps them cheap in 
 
 from __future__ import annotations
 
-from ipaddress import IPv4Address, IPv4Network
+from ipaddress import IPv4Address, IPv4Network, IPv6Address, IPv6Network
 from pathlib import Path
 
 import click
@@ -28,7 +28,7 @@ CTX = click.Context(click.Command("x"))
 PARAM = click.Option(["--x"])
 
 
-def _one_line_or_value(parse: object, value: str, kind: type) -> None:
+def _one_line_or_value(parse: object, value: str, kind: type | tuple[type, ...]) -> None:
     try:
         got = parse(CTX, PARAM, value)  # type: ignore[operator]
     except click.BadParameter as exc:
@@ -46,13 +46,13 @@ def test_cidr_flag(value: str) -> None:
 @BUDGET
 @given(address_like)
 def test_subnet_argument(value: str) -> None:
-    _one_line_or_value(cli._subnet_arg, value, IPv4Network)
+    _one_line_or_value(cli._subnet_arg, value, (IPv4Network, IPv6Network))
 
 
 @BUDGET
 @given(address_like)
 def test_ip_argument(value: str) -> None:
-    _one_line_or_value(cli._ip_arg, value, IPv4Address)
+    _one_line_or_value(cli._ip_arg, value, (IPv4Address, IPv6Address))
 
 
 @BUDGET

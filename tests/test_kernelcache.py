@@ -158,6 +158,26 @@ def test_device_removed_or_down_is_seen(host: str, cache: KernelCache) -> None:
     assert cache.objects() == call_in_netns(host, full_read)
 
 
+def test_a_device_that_went_down_under_our_objects_is_reported_back_up(host: str, cache: KernelCache) -> None:
+    """The daemon retries writes that failed through a down device as soon as it is up again
+    (host-gw with its underlay flapping), instead of at its next backoff retry."""
+    run(host, "ip", "link", "set", "eth0", "up")  # carries none of our objects: not counted
+    run(host, "sysctl", "-q", "-w", f"net/ipv6/conf/{DEV}/disable_ipv6=1")  # no IPv6 link-local route on up
+    run(host, "ip", "link", "set", DEV, "down")
+    cache.drain()
+    assert cache.maybe_resync() and cache.devices_back == 0
+    assert not [obj for obj in cache.objects() if isinstance(obj, Route)], "the kernel flushed the routes"
+    run(host, "ip", "link", "set", DEV, "up")
+    settle(cache, lambda: cache.devices_back == 1)  # the link back up
+    run(host, "ip", "route", "add", "10.95.0.0/24", "dev", DEV)  # the first IPv4 route through it
+    run(host, "ip", "route", "add", "10.96.0.0/24", "dev", DEV)  # not counted: one per family
+    settle(cache, lambda: cache.devices_back == 2)
+    run(host, "ip", "link", "set", "eth0", "down")
+    run(host, "ip", "link", "set", "eth0", "up")  # never carried anything of ours
+    cache.drain()
+    assert cache.devices_back == 2
+
+
 def test_last_address_removed_flushes_silently_and_is_seen(host: str, cache: KernelCache) -> None:
     """A device losing its last IPv4 address loses its routes with no RTM_DELROUTE (fib_disable_ip);
     the address notification makes the cache re-read."""

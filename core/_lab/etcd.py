@@ -446,12 +446,23 @@ class EtcdServer:
 
 
 class EtcdCluster:
-    """*size* members on one host that form one cluster; ``endpoints`` lists them all."""
+    """*size* members on one host that form one cluster; ``endpoints`` lists them all.
 
-    def __init__(self, size: int = 3, *, listen_host: str = "127.0.0.1", **kwargs: object) -> None:
+    With *base_port* the members listen on ``base_port + 2i`` (clients) and ``base_port + 2i + 1``
+    (peers) -- for a network namespace of the test's own, where every port is free -- else on
+    random free ports.  ``leader()`` asks the members' status API which of them leads, so a test
+    can SIGKILL exactly that one.
+    """
+
+    def __init__(
+        self, size: int = 3, *, listen_host: str = "127.0.0.1", base_port: int | None = None, **kwargs: object
+    ) -> None:
         token = f"{RUN_PREFIX}-cluster{next(_counter)}"
         names = [f"{token}-m{i}" for i in range(size)]
-        ports = [(free_port(listen_host), free_port(listen_host)) for _ in names]
+        if base_port is None:
+            ports = [(free_port(listen_host), free_port(listen_host)) for _ in names]
+        else:
+            ports = [(base_port + 2 * i, base_port + 2 * i + 1) for i in range(size)]
         peers = ",".join(f"{n}=http://{_url_host(listen_host)}:{p}" for n, (_, p) in zip(names, ports, strict=True))
         self.members = [
             EtcdServer(
@@ -485,6 +496,47 @@ class EtcdCluster:
     def stop(self) -> None:
         for member in self.members:
             member.stop()
+
+    def kill(self) -> None:
+        """SIGKILL every member (data dirs kept)."""
+        for member in self.members:
+            member.kill()
+
+    def etcdctl(self, *args: str, check: bool = True, timeout: float = 30.0) -> str:
+        """``etcdctl`` with every running member as an endpoint (a killed one would cost a timeout)."""
+        running = [m for m in self.members if m.running and not m._paused] or self.members
+        endpoints = ",".join(m.endpoint for m in running)
+        return running[0].etcdctl(f"--endpoints={endpoints}", *args, check=check, timeout=timeout)
+
+    def leader(self) -> EtcdServer:
+        """The member that leads right now, from the status API (``etcdctl endpoint status``)."""
+        import json
+
+        statuses = json.loads(self.etcdctl("endpoint", "status", "-w", "json", check=False) or "[]")
+        by_endpoint = {m.endpoint: m for m in self.members}
+        for status in statuses:
+            header = status["Status"]["header"]
+            if header["member_id"] == status["Status"]["leader"] and status["Endpoint"] in by_endpoint:
+                return by_endpoint[status["Endpoint"]]
+        raise EtcdError(f"no member of {self.endpoints} says it is the leader: {statuses}")
+
+    def member_ids(self) -> dict[str, int]:
+        """Each running member's endpoint -> its member id, from the status API."""
+        import json
+
+        statuses = json.loads(self.etcdctl("endpoint", "status", "-w", "json", check=False) or "[]")
+        return {status["Endpoint"]: int(status["Status"]["header"]["member_id"]) for status in statuses}
+
+    def move_leader(self, member: EtcdServer) -> None:
+        """Hand the leadership to *member* (``etcdctl move-leader``, sent to the current leader)."""
+        target = self.member_ids()[member.endpoint]
+        leader = self.leader()
+        if leader is not member:
+            leader.etcdctl("move-leader", format(target, "x"))
+
+    def compact(self) -> int:
+        """Compact the whole history up to the current revision; returns that revision."""
+        return next(m for m in self.members if m.running).compact()
 
     def __enter__(self) -> Self:
         return self.start()

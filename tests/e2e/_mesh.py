@@ -262,3 +262,75 @@ def check_restart_and_join(cluster: topo.Cluster, server: StoreServer, figures: 
     wait_full_mesh_routes(cluster)
     assert_full_mesh(cluster, count=1)
     assert len(server.leases(cluster)) == len(cluster.hosts)
+
+
+# -- fault figures ------------------------------------------------------------------------------
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU of *pid* (``/proc/PID/stat`` fields 14 and 15)."""
+    import os
+
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def log_lines(host: topo.Host) -> int:
+    """Lines in *host*'s daemon log so far."""
+    assert host.daemon is not None
+    return len(host.daemon.log_path.read_text(errors="replace").splitlines())
+
+
+def log_since(host: topo.Host, lines: int) -> list[str]:
+    """The daemon log lines of *host* after the first *lines*."""
+    assert host.daemon is not None
+    return host.daemon.log_path.read_text(errors="replace").splitlines()[lines:]
+
+
+VXLAN_DEV = "flannel.1"
+
+
+@attrs.frozen
+class VxlanState:
+    """What a host's kernel holds for the overlay, read back with ``ip``/``bridge`` (not overlayd)."""
+
+    mac: str | None  # the VXLAN device's MAC, None when the device is missing
+    routes: frozenset[tuple[str, str]]  # (dst, gateway) via the device
+    neighbours: frozenset[tuple[str, str]]  # (address, lladdr), permanent
+    fdb: frozenset[tuple[str, str]]  # (mac, underlay dst)
+
+
+def vxlan_state(host: topo.Host) -> VxlanState:
+    link = host.ip("-j", "link", "show", VXLAN_DEV, check=False)
+    if link.returncode != 0:
+        return VxlanState(None, frozenset(), frozenset(), frozenset())
+    mac = str(json.loads(link.stdout)[0]["address"])
+    routes = frozenset((str(r["dst"]), str(r.get("gateway"))) for r in host.routes() if r.get("dev") == VXLAN_DEV)
+    neigh = json.loads(host.ip("-j", "neigh", "show", "dev", VXLAN_DEV).stdout or "[]")
+    fdb = json.loads(topo.run(["bridge", "-n", host.ns, "-j", "fdb", "show", "dev", VXLAN_DEV]).stdout or "[]")
+    return VxlanState(
+        mac,
+        routes,
+        frozenset((str(n["dst"]), str(n.get("lladdr"))) for n in neigh if "PERMANENT" in n.get("state", [])),
+        frozenset((str(e["mac"]), str(e["dst"])) for e in fdb if e.get("dst")),
+    )
+
+
+def wait_state(
+    host: topo.Host,
+    want: VxlanState,
+    timeout: float,
+    what: str,
+    read: Callable[[topo.Host], VxlanState] = vxlan_state,
+) -> float:
+    """Seconds until *host*'s overlay state (as *read* reads it) equals *want* (polled every 20 ms)."""
+    start = time.monotonic()
+    deadline = start + timeout
+    while True:
+        have = read(host)
+        if have == want:
+            return time.monotonic() - start
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what}: after {timeout} s {host.name} holds {have}, want {want}")
+        time.sleep(0.02)
