@@ -19,6 +19,7 @@ import abc
 import logging
 import math
 import random
+import ssl
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import datetime, timedelta
@@ -111,6 +112,28 @@ def to_bool(value: Any) -> bool:
     if text in ("0", "false", "no", "off", ""):
         return False
     raise ValueError(f"{value!r} is not true or false")
+
+
+def check_tls_files(flags: str, cafile: str, certfile: str, keyfile: str) -> None:
+    """``UserError`` naming the flag when a store's TLS file is not what it should be.
+
+    *flags* is the options' prefix (``"--etcd-"``): the message names ``--etcd-cafile`` and so on.
+    Checked with the standard library's ``ssl`` before any connection, because a client library
+    would only say "unreachable" and retry forever."""
+    if cafile:
+        try:
+            ssl.create_default_context(cafile=cafile)
+        except (ssl.SSLError, ValueError) as exc:
+            raise UserError(f"{flags}cafile {cafile} holds no usable PEM CA certificate ({exc})") from exc
+    if certfile and keyfile:
+        try:
+            # an empty password: an encrypted key fails here instead of prompting on a terminal
+            ssl.create_default_context().load_cert_chain(certfile, keyfile, password=b"")
+        except ssl.SSLError as exc:
+            raise UserError(
+                f"{flags}certfile {certfile} and {flags}keyfile {keyfile} are not a PEM certificate and its "
+                f"unencrypted private key ({exc})"
+            ) from exc
 
 
 OptionsT = TypeVar("OptionsT")

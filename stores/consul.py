@@ -74,6 +74,7 @@ from overlayd.sdk import (
     Store,
     StoreUnavailable,
     UserError,
+    check_tls_files,
     is_ipv6_key,
     load_json,
     option,
@@ -167,25 +168,6 @@ def _items(doc: Any) -> list[_Item]:
     return items
 
 
-def _check_pem(flags: str, cafile: str, certfile: str, keyfile: str) -> None:
-    """``UserError`` naming the flag when a TLS file is not what it should be (checked with the
-    standard library's ``ssl`` before any connection: the client would only say "unreachable")."""
-    if cafile:
-        try:
-            ssl.create_default_context(cafile=cafile)
-        except (ssl.SSLError, ValueError) as exc:
-            raise UserError(f"{flags}cafile {cafile} holds no usable PEM CA certificate ({exc})") from exc
-    if certfile and keyfile:
-        try:
-            # an empty password: an encrypted key fails here instead of prompting on a terminal
-            ssl.create_default_context().load_cert_chain(certfile, keyfile, password=b"")
-        except ssl.SSLError as exc:
-            raise UserError(
-                f"{flags}certfile {certfile} and {flags}keyfile {keyfile} are not a PEM certificate and its "
-                f"unencrypted private key ({exc})"
-            ) from exc
-
-
 def _ssl_reason(exc: BaseException) -> str:
     """The certificate problem behind a requests ``SSLError`` (wrapped two or three deep), not
     its whole text, which repeats the request's URL."""
@@ -264,7 +246,7 @@ class ConsulStore(Store):
                         pass
                 except OSError as exc:
                     raise UserError(f"cannot read --consul-{flag} {path}: {exc.strerror}") from exc
-        _check_pem("--consul-", options.cafile, options.certfile, options.keyfile)
+        check_tls_files("--consul-", options.cafile, options.certfile, options.keyfile)
 
     # -- HTTP ---------------------------------------------------------------------------------
 

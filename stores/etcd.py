@@ -62,7 +62,6 @@ from __future__ import annotations
 import logging
 import os
 import queue
-import ssl
 import threading
 import time
 import warnings
@@ -84,6 +83,7 @@ from overlayd.sdk import (
     Store,
     StoreUnavailable,
     UserError,
+    check_tls_files,
     comma_list,
     is_ipv6_key,
     option,
@@ -185,25 +185,6 @@ def _tls_problem(detail: str) -> tuple[str, str]:
         if any(fragment in lowered for fragment in fragments):
             return problem, fix
     return "the TLS handshake failed", "check --etcd-cafile, --etcd-certfile and --etcd-keyfile"
-
-
-def _check_pem(flags: str, cafile: str, certfile: str, keyfile: str) -> None:
-    """``UserError`` naming the flag when a TLS file is not what it should be (checked with the
-    standard library's ``ssl`` before any connection: the client would only say "unreachable")."""
-    if cafile:
-        try:
-            ssl.create_default_context(cafile=cafile)
-        except (ssl.SSLError, ValueError) as exc:
-            raise UserError(f"{flags}cafile {cafile} holds no usable PEM CA certificate ({exc})") from exc
-    if certfile and keyfile:
-        try:
-            # an empty password: an encrypted key fails here instead of prompting on a terminal
-            ssl.create_default_context().load_cert_chain(certfile, keyfile, password=b"")
-        except ssl.SSLError as exc:
-            raise UserError(
-                f"{flags}certfile {certfile} and {flags}keyfile {keyfile} are not a PEM certificate and its "
-                f"unencrypted private key ({exc})"
-            ) from exc
 
 
 @attrs.frozen
@@ -344,7 +325,7 @@ class EtcdStore(Store):
                         pass
                 except OSError as exc:
                     raise UserError(f"cannot read --etcd-{flag} {path}: {exc.strerror}") from exc
-        _check_pem("--etcd-", options.cafile, options.certfile, options.keyfile)
+        check_tls_files("--etcd-", options.cafile, options.certfile, options.keyfile)
 
     # -- connections --------------------------------------------------------------------------
 
