@@ -247,8 +247,12 @@ def test_a_v6_key_deleted_by_hand_comes_back_with_the_same_subnet(cluster: Calla
         [mine] = [x for x in store.list_leases().leases if x.families == (6,)]
         revision4 = next(x.revision for x in store.list_leases().leases if x.families == (4,))
         store.delete_lease(mine)
-        assert where.raw("v6-subnets", key(six)) is None
-        wait_for(lambda: where.raw("v6-subnets", key(six)) is not None, what="the v6 key to be re-created")
+
+        def recreated() -> bool:  # a new key (created after the deletion), not the old one seen late
+            v6 = [x for x in store.list_leases().leases if x.families == (6,)]
+            return bool(v6) and v6[0].created_revision > mine.created_revision
+
+        wait_for(recreated, what="the v6 key to be re-created")
         assert (a.subnet(4), a.subnet(6)) == (four, six)
         raw4, raw6 = where.raw("subnets", key(four)), where.raw("v6-subnets", key(six))
         assert raw4 == raw6
