@@ -129,38 +129,21 @@ class NetworkConfig:
         return span is not None and span.contains(subnet)
 
     def subnet_count(self) -> int:
-        """How many subnets lie in [SubnetMin, SubnetMax]."""
-        if self.subnet_min is None or self.subnet_max is None:
-            return 0
-        step = 1 << (32 - self.subnet_len)
-        return (int(self.subnet_max) - int(self.subnet_min)) // step + 1
+        """How many IPv4 subnets lie in [SubnetMin, SubnetMax]."""
+        span = self.range_of(4)
+        return 0 if span is None else span.count()
 
     def subnets(self) -> list[IPv4Network]:
-        """Every leasable IPv4 subnet, SubnetMin first."""
-        if self.subnet_min is None:
-            return []
-        step = 1 << (32 - self.subnet_len)
-        start = int(self.subnet_min)
-        return [IPv4Network((start + i * step, self.subnet_len)) for i in range(self.subnet_count())]
+        """Every leasable IPv4 subnet, SubnetMin first (IPv6 ranges are never listed: see ``range_of``)."""
+        span = self.range_of(4)
+        return [] if span is None else [IPv4Network(span.nth(i)) for i in range(span.count())]
 
     def contains_subnet(self, subnet: IPv4Network) -> bool:
-        """True when *subnet* is a leasable subnet of this network (right size, in range)."""
-        if self.network is None or self.subnet_min is None or self.subnet_max is None:
-            return False
-        return (
-            subnet.prefixlen == self.subnet_len
-            and subnet.subnet_of(self.network)
-            and self.subnet_min <= subnet.network_address <= self.subnet_max
-        )
+        """True when *subnet* is a leasable IPv4 subnet of this network (right size, in range)."""
+        return self.contains_of(4, subnet)
 
     def contains_ipv6_subnet(self, subnet: IPv6Network) -> bool:
-        if self.ipv6_network is None or self.ipv6_subnet_min is None or self.ipv6_subnet_max is None:
-            return False
-        return (
-            subnet.prefixlen == self.ipv6_subnet_len
-            and subnet.subnet_of(self.ipv6_network)
-            and self.ipv6_subnet_min <= subnet.network_address <= self.ipv6_subnet_max
-        )
+        return self.contains_of(6, subnet)
 
     @classmethod
     def from_json(cls, text: str | bytes) -> NetworkConfig:

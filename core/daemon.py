@@ -213,11 +213,6 @@ def backend_options_in_force(settings: DaemonSettings, backend: str) -> dict[str
     return chosen
 
 
-def only_key(lease: Lease, version: int) -> str:
-    """The store key of *lease*'s subnet of family *version*."""
-    return lease.only(version).key
-
-
 def host_for_families(host: HostInfo, config: NetworkConfig) -> HostInfo:
     """*host* with a public address for every family the network carries, and none for the
     others (an IPv6-only lease publishes ``PublicIP`` null, as flannel's does).
@@ -384,7 +379,7 @@ class Daemon:
     def _adopt(self, lease: Lease) -> None:
         """Make *lease* ours: finish the backend setup and (re)write the subnet file."""
         assert self.config and self.network
-        changed = self.lease is None or (self.lease.subnet, self.lease.ipv6_subnet) != (lease.subnet, lease.ipv6_subnet)
+        changed = self.lease is None or self.lease.keys != lease.keys
         self.lease = lease
         self.status.lease_subnet = " ".join(str(lease.subnet_of(v)) for v in lease.families)
         self.status.lease_expiration = lease.expiration.isoformat() if lease.expiration else None
@@ -911,8 +906,7 @@ class Daemon:
         own = self.lease
         current = {x.key: x for x in snapshot.leases if x.key in own.keys}
         for version in own.families:
-            key = only_key(own, version)
-            found = current.get(key)
+            found = current.get(own.only(version).key)
             if found is None or found.attrs.public_ip_of(version) != own.attrs.public_ip_of(version):
                 log.warning("lease %s is gone from the store; acquiring again", own.subnet_of(version))
                 self._reacquire()

@@ -43,17 +43,19 @@ class _Iface:
         return (*self.addrs, *self.addrs6)
 
 
-def _global_v6(ipr: Any, index: int) -> tuple[IPv6Address, ...]:
-    found = (i.ip for i in netlink.get_addresses(ipr, index, socket.AF_INET6))
-    return tuple(a for a in found if isinstance(a, IPv6Address) and not (a.is_link_local or a.is_loopback))
-
-
 def _interfaces(ipr: Any) -> list[_Iface]:
-    with netlink.translated("listing IPv6 addresses"):
-        return [
-            _Iface(name=link.name, index=link.index, mtu=link.mtu, addrs=addrs, addrs6=_global_v6(ipr, link.index))
-            for link, addrs in netlink.ipv4_interfaces(ipr)
-        ]
+    """Every device with its IPv4 addresses and its global IPv6 ones: one dump per family."""
+    v6 = {link.index: addrs for link, addrs in netlink.interfaces(ipr, socket.AF_INET6)}
+    return [
+        _Iface(
+            name=link.name,
+            index=link.index,
+            mtu=link.mtu,
+            addrs=addrs,
+            addrs6=tuple(a for a in v6.get(link.index, ()) if isinstance(a, IPv6Address) and not a.is_loopback),
+        )
+        for link, addrs in netlink.ipv4_interfaces(ipr)
+    ]
 
 
 @attrs.frozen

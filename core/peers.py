@@ -94,9 +94,7 @@ def subnet_problem(config: NetworkConfig, version: int, subnet: IPv4Network | IP
     """Why *subnet* (of overlay family *version*) is no leasable subnet of *config*, or None."""
     if version not in config.families:
         return f"its IPv{version} subnet {subnet} is for a family this network does not enable"
-    if isinstance(subnet, IPv4Network) and config.contains_subnet(subnet):
-        return None
-    if isinstance(subnet, IPv6Network) and config.contains_ipv6_subnet(subnet):
+    if config.contains_of(version, subnet):
         return None
     length = config.subnet_len if version == 4 else config.ipv6_subnet_len
     return f"subnet {subnet} is outside network {config.network_of(version)} or not a /{length}"
